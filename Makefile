@@ -1,0 +1,45 @@
+# pushrelay — see README.md. Every target that needs services installs and
+# starts them (scripts/deps.sh), so a fresh Debian machine needs only Go.
+
+SHELL   := /bin/bash
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/pushrelay/pushrelay/sidecar/version.Version=$(VERSION)
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: all build deps test unit integration demo bench vet fmt clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/pushrelay ./sidecar/cmd/pushrelay
+
+deps:
+	@bash scripts/deps.sh
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -count=1 ./sidecar/... ./ebpf/...
+
+integration: build
+	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) test -count=1 -timeout 20m ./integration/...
+
+test: deps vet build
+	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) test -count=1 -timeout 30m ./...
+
+demo: deps build
+	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) run ./integration/cmd/demo
+
+bench: deps build
+	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) run ./integration/cmd/bench
+	$(GO) test -run '^$$' -bench . -benchmem ./sidecar/publish/
+
+clean:
+	rm -rf bin dist
+
+# Targets owned by other parts of the tree.
+-include ebpf/probes.mk
+-include packaging/deb.mk

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs and starts what the tests, the demo and the benchmarks need on a
+# Debian 12 machine, as root. Idempotent: it does nothing when all is there.
+set -euo pipefail
+
+need=()
+command -v rabbitmq-server >/dev/null || need+=(rabbitmq-server)
+command -v nginx >/dev/null || need+=(nginx-light)
+[ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need+=(libnginx-mod-nchan)
+command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3)
+for tool in ${PUSHRELAY_EXTRA_DEPS:-}; do need+=("$tool"); done
+
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "deps: missing ${need[*]}; run as root or install them" >&2
+    exit 1
+  fi
+  echo "deps: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  # Debian starts nginx on :80 when it installs it; the tests bring their own.
+  apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+  if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
+    systemctl stop nginx || true
+  fi
+fi
+
+# RabbitMQ: this machine kind starts it before the session; a fresh machine
+# may not have, and a test may have left it stopped.
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  echo "deps: starting rabbitmq-server"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 90); do
+    rabbitmqctl -q status >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi
+if ! rabbitmqctl -q await_startup >/dev/null 2>&1; then
+  echo "deps: rabbitmq-server did not start" >&2
+  exit 1
+fi

@@ -1,0 +1,60 @@
+// Command pushrelay relays a frontend's sharded RabbitMQ queue to its local
+// Push Stream (or Nchan) publisher. This file only parses the command line
+// and hands over to the packages that do the work.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/pushrelay/pushrelay/sidecar/config"
+	"github.com/pushrelay/pushrelay/sidecar/version"
+)
+
+const usage = `usage: pushrelay <command> [arguments]
+
+commands:
+  run -config FILE                 relay this host's queue to the local publisher
+  check-config FILE                validate a config file (exit 0, or 1 with the error)
+  version                          print the version
+`
+
+func main() {
+	os.Exit(dispatch(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch cmd, rest := args[0], args[1:]; cmd {
+	case "run":
+		return runRelay(rest, stderr)
+	case "check-config":
+		return checkConfig(rest, stdout, stderr)
+	case "version", "-version", "--version":
+		fmt.Fprintln(stdout, "pushrelay", version.Version)
+		return 0
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "pushrelay: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+}
+
+func checkConfig(args []string, stdout, stderr io.Writer) int {
+	if len(args) != 1 {
+		fmt.Fprintln(stderr, "usage: pushrelay check-config FILE")
+		return 2
+	}
+	if _, err := config.Load(args[0]); err != nil {
+		fmt.Fprintln(stderr, "pushrelay: invalid config:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, args[0]+": ok")
+	return 0
+}

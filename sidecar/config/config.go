@@ -1,0 +1,319 @@
+// Package config reads and validates pushrelay.toml.
+//
+// Decoding is strict: an unknown key is an error that names the key and its
+// line, because a typo in a production config should stop a deploy, not be
+// silently ignored.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/pushrelay/pushrelay/sidecar/shard"
+)
+
+// EnvAMQPURL names the environment variable that may hold the AMQP URL, so
+// the secret need not sit in the config file.
+const EnvAMQPURL = "PUSHRELAY_AMQP_URL"
+
+// Config is the whole file. Field docs live in packaging/pushrelay.toml.
+type Config struct {
+	Host            string   `toml:"host"`
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	AMQP            AMQP     `toml:"amqp"`
+	Push            Push     `toml:"push"`
+	Shards          Shards   `toml:"shards"`
+	Metrics         Metrics  `toml:"metrics"`
+	Log             Log      `toml:"log"`
+	Probes          Probes   `toml:"probes"`
+}
+
+// AMQP is the [amqp] section.
+type AMQP struct {
+	URL                 string   `toml:"url"`
+	URLFile             string   `toml:"url_file"`
+	Exchange            string   `toml:"exchange"`
+	Queue               string   `toml:"queue"`
+	Prefetch            int      `toml:"prefetch"`
+	QueueType           string   `toml:"queue_type"`
+	MessageTTL          Duration `toml:"message_ttl"`
+	MaxLength           int      `toml:"max_length"`
+	DeadLetterMaxLength int      `toml:"dead_letter_max_length"`
+	Heartbeat           Duration `toml:"heartbeat"`
+}
+
+// Push is the [push] section: the local Nginx publisher.
+type Push struct {
+	Dialect     string   `toml:"dialect"`
+	URL         string   `toml:"url"`
+	Connections int      `toml:"connections"`
+	Pipeline    int      `toml:"pipeline"`
+	Timeout     Duration `toml:"timeout"`
+	MaxBody     int      `toml:"max_body"`
+	RetryMax    Duration `toml:"retry_max"`
+	StatsURL    string   `toml:"stats_url"`
+}
+
+// Shards is the [shards] section.
+type Shards struct {
+	Count int                 `toml:"count"`
+	Owned []string            `toml:"owned"`
+	Map   map[string][]string `toml:"map"`
+	Drain Duration            `toml:"drain"`
+}
+
+// Metrics is the [metrics] section.
+type Metrics struct {
+	Listen string `toml:"listen"`
+}
+
+// Log is the [log] section.
+type Log struct {
+	Level  string `toml:"level"`
+	Format string `toml:"format"`
+}
+
+// Probes is the [probes] section: the eBPF socket probes.
+type Probes struct {
+	Enabled  bool     `toml:"enabled"`
+	Ports    []int    `toml:"ports"`
+	Cgroup   string   `toml:"cgroup"`
+	Interval Duration `toml:"interval"`
+}
+
+// Dialects the publisher speaks.
+const (
+	DialectPushStream = "pushstream"
+	DialectNchan      = "nchan"
+)
+
+// Duration is a time.Duration written as "10s" in TOML.
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes the duration as Go does.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// D is the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Default returns a config with every default filled in; Load decodes the
+// file on top of it.
+func Default() Config {
+	host, _ := os.Hostname()
+	return Config{
+		Host:            host,
+		ShutdownTimeout: Duration(10 * time.Second),
+		AMQP: AMQP{
+			Exchange:            "pushrelay",
+			Prefetch:            2048,
+			QueueType:           "classic",
+			MessageTTL:          Duration(5 * time.Minute),
+			MaxLength:           1_000_000,
+			DeadLetterMaxLength: 100_000,
+			Heartbeat:           Duration(10 * time.Second),
+		},
+		Push: Push{
+			Dialect:     DialectPushStream,
+			URL:         "http://127.0.0.1:80/pub?id={channel}",
+			Connections: 8,
+			Pipeline:    16,
+			Timeout:     Duration(2 * time.Second),
+			MaxBody:     32 * 1024,
+			RetryMax:    Duration(2 * time.Second),
+		},
+		Shards:  Shards{Count: shard.DefaultCount, Drain: Duration(30 * time.Second)},
+		Metrics: Metrics{Listen: "127.0.0.1:9470"},
+		Log:     Log{Level: "info", Format: "json"},
+		Probes: Probes{
+			Enabled:  true,
+			Ports:    []int{80, 443},
+			Cgroup:   "/sys/fs/cgroup/system.slice/nginx.service",
+			Interval: Duration(time.Second),
+		},
+	}
+}
+
+// Load reads, decodes and validates the file at path.
+func Load(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return Config{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes and validates a config held in memory.
+func Parse(data []byte) (Config, error) {
+	cfg := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return Config{}, describeDecodeError(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// describeDecodeError turns go-toml's errors into one line per problem that
+// names the key and the line.
+func describeDecodeError(err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) {
+		msgs := make([]string, 0, len(strict.Errors))
+		for _, e := range strict.Errors {
+			row, _ := e.Position()
+			msgs = append(msgs, fmt.Sprintf("line %d: unknown key %q", row, strings.Join(e.Key(), ".")))
+		}
+		return errors.New(strings.Join(msgs, "; "))
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, _ := de.Position()
+		key := strings.Join(de.Key(), ".")
+		if key != "" {
+			return fmt.Errorf("line %d: key %q: %s", row, key, de.Error())
+		}
+		return fmt.Errorf("line %d: %s", row, de.Error())
+	}
+	return fmt.Errorf("decode: %w", err)
+}
+
+// Validate checks every value and fills the values derived from others.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("key %q: %s", key, fmt.Sprintf(format, args...)))
+	}
+	if c.Host == "" {
+		bad("host", "must not be empty")
+	}
+	if c.AMQP.Queue == "" {
+		c.AMQP.Queue = "pushrelay." + c.Host
+	}
+	if c.AMQP.Exchange == "" {
+		bad("amqp.exchange", "must not be empty")
+	}
+	if c.AMQP.Prefetch < 1 || c.AMQP.Prefetch > 65535 {
+		bad("amqp.prefetch", "must be 1..65535, got %d", c.AMQP.Prefetch)
+	}
+	if c.AMQP.QueueType != "classic" && c.AMQP.QueueType != "quorum" {
+		bad("amqp.queue_type", "must be classic or quorum, got %q", c.AMQP.QueueType)
+	}
+	if c.AMQP.MessageTTL < 0 || c.AMQP.MaxLength < 0 || c.AMQP.DeadLetterMaxLength < 0 {
+		bad("amqp", "message_ttl, max_length and dead_letter_max_length must not be negative")
+	}
+	if c.AMQP.URL != "" && c.AMQP.URLFile != "" {
+		bad("amqp.url_file", "set either amqp.url or amqp.url_file, not both")
+	}
+	if c.Push.Dialect != DialectPushStream && c.Push.Dialect != DialectNchan {
+		bad("push.dialect", "must be %q or %q, got %q", DialectPushStream, DialectNchan, c.Push.Dialect)
+	}
+	if err := checkPublishURL(c.Push.URL); err != nil {
+		bad("push.url", "%v", err)
+	}
+	if c.Push.Connections < 1 || c.Push.Connections > 256 {
+		bad("push.connections", "must be 1..256, got %d", c.Push.Connections)
+	}
+	if c.Push.Pipeline < 1 || c.Push.Pipeline > 256 {
+		bad("push.pipeline", "must be 1..256, got %d", c.Push.Pipeline)
+	}
+	if c.Push.Timeout <= 0 {
+		bad("push.timeout", "must be positive")
+	}
+	if c.Push.RetryMax <= 0 {
+		bad("push.retry_max", "must be positive")
+	}
+	if c.Push.MaxBody < 1 {
+		bad("push.max_body", "must be positive")
+	}
+	if c.ShutdownTimeout <= 0 {
+		bad("shutdown_timeout", "must be positive")
+	}
+	if c.Shards.Count < 1 || c.Shards.Count > 65536 {
+		bad("shards.count", "must be 1..65536, got %d", c.Shards.Count)
+	}
+	if c.Shards.Drain < 0 {
+		bad("shards.drain", "must not be negative")
+	}
+	if c.Log.Level != "debug" && c.Log.Level != "info" && c.Log.Level != "warn" && c.Log.Level != "error" {
+		bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	if c.Log.Format != "json" && c.Log.Format != "text" {
+		bad("log.format", "must be json or text, got %q", c.Log.Format)
+	}
+	for _, p := range c.Probes.Ports {
+		if p < 1 || p > 65535 {
+			bad("probes.ports", "port %d out of range", p)
+		}
+	}
+	if c.Probes.Interval <= 0 {
+		bad("probes.interval", "must be positive")
+	}
+	return errors.Join(errs...)
+}
+
+func checkPublishURL(raw string) error {
+	if !strings.Contains(raw, "{channel}") {
+		return errors.New("must contain {channel}")
+	}
+	u, err := url.Parse(strings.Replace(raw, "{channel}", "x", 1))
+	if err != nil {
+		return fmt.Errorf("parse: %w", err)
+	}
+	if u.Scheme != "http" {
+		return fmt.Errorf("scheme must be http (the publisher is on loopback), got %q", u.Scheme)
+	}
+	if u.Host == "" {
+		return errors.New("missing host")
+	}
+	return nil
+}
+
+// AMQPURL resolves the broker URL: amqp.url, else the file in amqp.url_file,
+// else $PUSHRELAY_AMQP_URL, else the local default.
+func (c *Config) AMQPURL() (string, error) {
+	switch {
+	case c.AMQP.URL != "":
+		return c.AMQP.URL, nil
+	case c.AMQP.URLFile != "":
+		b, err := os.ReadFile(c.AMQP.URLFile)
+		if err != nil {
+			return "", fmt.Errorf("amqp.url_file: %w", err)
+		}
+		return strings.TrimSpace(string(b)), nil
+	case os.Getenv(EnvAMQPURL) != "":
+		return os.Getenv(EnvAMQPURL), nil
+	}
+	return "amqp://guest:guest@127.0.0.1:5672/", nil
+}
+
+// Redact hides the password of an AMQP URL for logs.
+func Redact(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparseable URL)"
+	}
+	return u.Redacted()
+}

@@ -17,6 +17,7 @@ const usage = `usage: pushrelay <command> [arguments]
 commands:
   run -config FILE                 relay this host's queue to the local publisher
   check-config FILE                validate a config file (exit 0, or 1 with the error)
+  probes [-config FILE] [-for 5s]  count this host's Nginx connections/packets with eBPF and print /metrics
   version                          print the version
 `
 
@@ -34,6 +35,8 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return runRelay(rest, stderr)
 	case "check-config":
 		return checkConfig(rest, stdout, stderr)
+	case "probes":
+		return runProbes(rest, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "pushrelay", version.Version)
 		return 0

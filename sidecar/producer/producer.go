@@ -1,0 +1,231 @@
+// Package producer publishes push messages to RabbitMQ the way the pushrelay
+// frontends expect them (README.md, "Shards and the producer side"). It is
+// meant to be imported by the Go services of the web tier; the pushrelay
+// publish command uses it too.
+//
+// The Publisher declares nothing: the exchange belongs to the relays'
+// deployment, and a producer that declared it with other arguments would
+// break the relays' declaration (or the other way round).
+package producer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/pushrelay/pushrelay/sidecar/shard"
+)
+
+// DefaultMaxBody is the relays' default push.max_body. Larger bodies are
+// dead-lettered by the relay, so the Publisher refuses them.
+const DefaultMaxBody = 32 * 1024
+
+// ErrInvalid wraps every refusal of a message before it reaches the broker:
+// retrying such a message cannot succeed.
+var ErrInvalid = errors.New("invalid message")
+
+// Shard returns the shard of channel among count shards: FNV-1a-32 of its
+// UTF-8 bytes modulo count. The routing key is its decimal form.
+func Shard(channel string, count int) int { return shard.Of(channel, count) }
+
+// Message is one push to the browsers subscribed to Channel.
+type Message struct {
+	Channel     string
+	Body        []byte
+	Type        string // AMQP type; the browser sees it as the event type
+	ID          string // AMQP message_id; the browser sees it as the event id
+	ContentType string
+}
+
+// Option changes a Publisher's defaults.
+type Option func(*Publisher)
+
+// WithMaxBody sets the largest body Publish accepts; match the relays'
+// push.max_body.
+func WithMaxBody(n int) Option { return func(p *Publisher) { p.maxBody = n } }
+
+// Publisher publishes Messages on one AMQP channel in confirm mode. It is
+// safe for concurrent use. After a channel error (for example a missing
+// exchange) the next Publish opens a new channel; a closed connection is not
+// redialled, because the caller owns it (except with Dial, where Close ends
+// it).
+type Publisher struct {
+	conn     *amqp.Connection
+	ownsConn bool
+	exchange string
+	count    int
+	maxBody  int
+
+	mu     sync.Mutex // guards sess and closed
+	sess   *session
+	closed bool
+}
+
+// session is one AMQP channel and the reason it closed, once known.
+type session struct {
+	ch     *amqp.Channel
+	closes chan *amqp.Error
+	reason error // set under Publisher.mu
+}
+
+// New returns a Publisher on conn for exchange, routing among count shards.
+// It opens its AMQP channel at once so that a broker refusal shows here.
+func New(conn *amqp.Connection, exchange string, count int, opts ...Option) (*Publisher, error) {
+	if conn == nil {
+		return nil, errors.New("producer: nil connection")
+	}
+	if exchange == "" {
+		// The default exchange routes by queue name, not by shard.
+		return nil, errors.New("producer: exchange must not be empty")
+	}
+	if count < 1 || count > shard.MaxCount {
+		return nil, fmt.Errorf("producer: shard count must be 1..%d, got %d", shard.MaxCount, count)
+	}
+	p := &Publisher{conn: conn, exchange: exchange, count: count, maxBody: DefaultMaxBody}
+	for _, o := range opts {
+		o(p)
+	}
+	if p.maxBody < 1 {
+		return nil, fmt.Errorf("producer: max body must be positive, got %d", p.maxBody)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, err := p.sessionLocked(); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// Dial connects to url and returns a Publisher that owns the connection.
+func Dial(url, exchange string, count int, opts ...Option) (*Publisher, error) {
+	conn, err := amqp.DialConfig(url, amqp.Config{
+		Heartbeat:  10 * time.Second,
+		Properties: amqp.Table{"connection_name": "pushrelay producer"},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("producer: dial: %w", err)
+	}
+	p, err := New(conn, exchange, count, opts...)
+	if err != nil {
+		_ = conn.Close()
+		return nil, err
+	}
+	p.ownsConn = true
+	return p, nil
+}
+
+// Publish sends m to the shard of its channel and returns once the broker
+// has confirmed it. With mandatory unset, a shard no queue is bound to drops
+// the message and the broker still confirms it: the frontends own that
+// binding. An error wrapping ErrInvalid means m was refused before sending;
+// any other error leaves the outcome unknown, and retrying may deliver twice,
+// which the relay's at-least-once contract allows.
+func (p *Publisher) Publish(ctx context.Context, m Message) error {
+	if err := m.validate(p.maxBody); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	key := strconv.Itoa(Shard(m.Channel, p.count))
+
+	p.mu.Lock()
+	s, err := p.sessionLocked()
+	p.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	dc, err := s.ch.PublishWithDeferredConfirmWithContext(ctx, p.exchange, key, false, false, amqp.Publishing{
+		Headers: amqp.Table{
+			"channel":      m.Channel,
+			"published_at": time.Now().UnixMicro(),
+		},
+		ContentType:  m.ContentType,
+		DeliveryMode: amqp.Persistent,
+		MessageId:    m.ID,
+		Type:         m.Type,
+		Body:         m.Body,
+	})
+	if err != nil {
+		return fmt.Errorf("producer: publish to exchange %q, key %s: %w", p.exchange, key, err)
+	}
+	acked, err := dc.WaitContext(ctx)
+	if err != nil {
+		return fmt.Errorf("producer: waiting for the broker's confirm: %w", err)
+	}
+	if !acked {
+		p.mu.Lock()
+		reason := p.reasonLocked(s)
+		p.mu.Unlock()
+		if reason != nil {
+			return fmt.Errorf("producer: publish to exchange %q, key %s: %w", p.exchange, key, reason)
+		}
+		return fmt.Errorf("producer: broker refused the message (nack) for exchange %q, key %s", p.exchange, key)
+	}
+	return nil
+}
+
+// sessionLocked returns the open session, opening a new AMQP channel when the
+// last one was closed by the broker.
+func (p *Publisher) sessionLocked() (*session, error) {
+	if p.closed {
+		return nil, errors.New("producer: publisher is closed")
+	}
+	if p.sess != nil && !p.sess.ch.IsClosed() {
+		return p.sess, nil
+	}
+	if p.conn.IsClosed() {
+		return nil, errors.New("producer: AMQP connection is closed")
+	}
+	ch, err := p.conn.Channel()
+	if err != nil {
+		return nil, fmt.Errorf("producer: open channel: %w", err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		_ = ch.Close()
+		return nil, fmt.Errorf("producer: enable publisher confirms: %w", err)
+	}
+	// One close at most per channel, so a buffer of one never blocks the
+	// library's shutdown path.
+	p.sess = &session{ch: ch, closes: ch.NotifyClose(make(chan *amqp.Error, 1))}
+	return p.sess, nil
+}
+
+// reasonLocked returns why s's channel closed, if it did. The library queues
+// the close reason before it nacks the pending confirms, so after a nack the
+// reason is already waiting.
+func (p *Publisher) reasonLocked(s *session) error {
+	if s.reason == nil {
+		select {
+		case e, ok := <-s.closes:
+			if ok && e != nil {
+				s.reason = e
+			}
+		default:
+		}
+	}
+	return s.reason
+}
+
+// Close closes the Publisher's AMQP channel, and the connection if Dial
+// opened it.
+func (p *Publisher) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var errs []error
+	if p.sess != nil && !p.sess.ch.IsClosed() && !p.conn.IsClosed() {
+		if err := p.sess.ch.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("producer: close channel: %w", err))
+		}
+	}
+	p.sess = nil
+	p.closed = true
+	if p.ownsConn && !p.conn.IsClosed() {
+		if err := p.conn.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("producer: close connection: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}

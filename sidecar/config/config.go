@@ -271,6 +271,9 @@ func (c *Config) Validate() error {
 	if c.Probes.Interval <= 0 {
 		bad("probes.interval", "must be positive")
 	}
+	if err := c.checkShards(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

@@ -1,0 +1,85 @@
+package relay
+
+import (
+	"time"
+
+	"github.com/VictoriaMetrics/metrics"
+
+	"github.com/pushrelay/pushrelay/sidecar/message"
+	"github.com/pushrelay/pushrelay/sidecar/publish"
+	"github.com/pushrelay/pushrelay/sidecar/telemetry"
+	"github.com/pushrelay/pushrelay/sidecar/version"
+)
+
+// Histogram buckets in seconds: loopback publishes take tens of µs; lag
+// (producer → Nginx) is ms when healthy and seconds during an outage.
+var (
+	durationBuckets = []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1}
+	lagBuckets      = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60}
+)
+
+type relayMetrics struct {
+	received      *metrics.Counter
+	redelivered   *metrics.Counter
+	dead          map[string]*metrics.Counter // by reason
+	reconnects    *metrics.Counter
+	reloadsOK     *metrics.Counter
+	reloadsFailed *metrics.Counter
+	publish       publish.Metrics
+}
+
+// newMetrics registers the relay's families. Gauges read state through
+// the given functions, which must be safe to call from the /metrics handler.
+func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
+	m := relayMetrics{
+		received:      reg.Counter("pushrelay_messages_received_total", "Deliveries consumed from the host's queue, including redeliveries."),
+		redelivered:   reg.Counter("pushrelay_messages_redelivered_total", "Deliveries flagged redelivered by RabbitMQ: possible duplicates after a reconnect or restart."),
+		reconnects:    reg.Counter("pushrelay_amqp_reconnects_total", "AMQP sessions opened after the first."),
+		reloadsOK:     reg.Counter(`pushrelay_config_reloads_total{result="success"}`, "Config reloads by result."),
+		reloadsFailed: reg.Counter(`pushrelay_config_reloads_total{result="failure"}`, "Config reloads by result."),
+		dead:          map[string]*metrics.Counter{},
+		publish: publish.Metrics{
+			Published: reg.Counter("pushrelay_messages_published_total", "Messages Nginx accepted."),
+			Retries:   reg.Counter("pushrelay_publish_retries_total", "Publish attempts that failed (refused, timeout, 5xx) and were retried."),
+			Refused:   reg.Counter("pushrelay_publish_refused_total", "Messages Nginx refused for good (400, 403, 413, 414)."),
+			Duration: reg.Histogram("pushrelay_publish_duration_seconds",
+				"Time from writing a publish request batch to reading each response.", durationBuckets),
+			Lag: reg.Histogram("pushrelay_message_lag_seconds",
+				"Time from the producer's published_at header to Nginx accepting the message.", lagBuckets),
+		},
+	}
+	reasons := []string{"nginx_400", "nginx_403", "nginx_413", "nginx_414"}
+	for _, r := range message.Reasons {
+		reasons = append(reasons, string(r))
+	}
+	for _, reason := range reasons {
+		m.dead[reason] = reg.Counter(`pushrelay_messages_dead_lettered_total{reason="`+reason+`"}`,
+			"Poison messages sent to the dead-letter exchange, by reason.")
+	}
+	reg.Gauge("pushrelay_messages_in_flight", "Messages handed to the publisher and not yet settled.",
+		func() float64 { return float64(r.inFlight.Load()) })
+	reg.Gauge("pushrelay_amqp_connected", "1 while an AMQP session is consuming.",
+		func() float64 { return b2f(r.consuming.Load()) })
+	reg.Gauge("pushrelay_publisher_reachable", "1 while every publisher lane's last attempt got an HTTP answer.",
+		func() float64 { return b2f(r.publisherReachable()) })
+	reg.Gauge("pushrelay_shards_owned", "Shards this host owns in the current map.",
+		func() float64 { return float64(r.shardsOwned.Load()) })
+	reg.Gauge("pushrelay_shards_draining", "Shards moved away and still bound until their drain ends.",
+		func() float64 { return float64(r.shardsDraining.Load()) })
+	reg.Gauge("pushrelay_config_last_reload_successful", "1 if the last config reload was applied, 0 if it was refused.",
+		func() float64 { return b2f(r.lastReloadOK.Load()) })
+	reg.Gauge("pushrelay_config_last_reload_success_timestamp_seconds", "Unix time of the last applied config.",
+		func() float64 { return float64(r.lastReloadAt.Load()) })
+	start := float64(time.Now().Unix())
+	reg.Gauge("pushrelay_start_time_seconds", "Unix time the relay started.", func() float64 { return start })
+	reg.Gauge(`pushrelay_build_info{version="`+version.Version+`"}`, "The running build; always 1.",
+		func() float64 { return 1 })
+	return m
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,120 @@
+package relay
+
+import (
+	"log/slog"
+	"reflect"
+	"time"
+
+	"github.com/pushrelay/pushrelay/sidecar/config"
+	"github.com/pushrelay/pushrelay/sidecar/consume"
+)
+
+// apply takes a validated config into use. Shard moves and the log level
+// apply at once; it returns an action to run once nothing is in flight
+// when the publisher or the AMQP session must be rebuilt. sess is nil
+// while disconnected: bindings then happen at the next connect.
+func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce func() error, err error) {
+	prev := r.cfg
+	r.cfg = next
+	r.level.Set(parseLevel(next.Log.Level))
+
+	owned, err := ownedShards(next)
+	if err != nil { // Validate already built this map; this cannot fail
+		return nil, err
+	}
+	if err := r.moveShards(sess, owned, next.Shards.Drain.D()); err != nil {
+		return nil, err
+	}
+	if r.hooks.OnReload != nil {
+		r.hooks.OnReload(next)
+	}
+
+	sessionChanged := !reflect.DeepEqual(prev.AMQP, next.AMQP) || prev.Host != next.Host ||
+		prev.Shards.Count != next.Shards.Count
+	poolChanged := prev.Push != next.Push || prev.AMQP.Prefetch != next.AMQP.Prefetch
+	r.log.Info("config reloaded", "shards_owned", len(owned), "shards_draining", len(r.draining),
+		"rebuild_publisher", poolChanged, "new_session", sessionChanged)
+	if prev.Metrics != next.Metrics {
+		r.log.Warn("metrics.listen changes only on restart", "listening", prev.Metrics.Listen)
+	}
+	if !sessionChanged && !poolChanged {
+		return nil, nil
+	}
+	return func() error {
+		if poolChanged {
+			r.pool.Load().Stop()
+			if err := r.startPool(); err != nil {
+				return err
+			}
+		}
+		if sessionChanged {
+			return errReconnect
+		}
+		return nil
+	}, nil
+}
+
+// moveShards binds gained shards at once and schedules lost ones to be
+// unbound after the drain, so the old and new owner both publish a moving
+// shard while its subscribers reconnect. A shard that comes back before
+// its drain ends simply stays bound.
+func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Duration) error {
+	want := make(map[int]bool, len(owned))
+	for _, s := range owned {
+		want[s] = true
+		delete(r.draining, s)
+		if !r.bound[s] {
+			if sess != nil {
+				if err := sess.Bind(s); err != nil {
+					return err
+				}
+			}
+			r.bound[s] = true
+		}
+	}
+	until := time.Now().Add(drain)
+	for s := range r.bound {
+		if want[s] {
+			continue
+		}
+		if _, ok := r.draining[s]; !ok {
+			r.draining[s] = until
+		}
+	}
+	r.shardsOwned.Store(int64(len(owned)))
+	r.shardsDraining.Store(int64(len(r.draining)))
+	return r.expireDrains(sess)
+}
+
+// expireDrains unbinds the shards whose drain has ended.
+func (r *Relay) expireDrains(sess *consume.Session) error {
+	if len(r.draining) == 0 {
+		return nil
+	}
+	now := time.Now()
+	for s, until := range r.draining {
+		if now.Before(until) {
+			continue
+		}
+		if sess != nil {
+			if err := sess.Unbind(s); err != nil {
+				return err
+			}
+		}
+		delete(r.bound, s)
+		delete(r.draining, s)
+	}
+	r.shardsDraining.Store(int64(len(r.draining)))
+	return nil
+}
+
+func parseLevel(s string) slog.Level {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return slog.LevelInfo
+	}
+	return l
+}
+
+// ParseLevel maps the config's log.level to a slog level.
+func ParseLevel(s string) slog.Level { return parseLevel(s) }

@@ -254,23 +254,11 @@ func Moved(a, b *Map) int {
 }
 
 // TOML formats the map as a [shards.map] table that can be pasted into
-// pushrelay.toml. Hosts are ordered by their lowest shard, so the table reads
-// top to bottom like the shard space; hosts that own nothing come last.
+// pushrelay.toml. Hosts come in natural order (fe2 before fe10), so the old
+// and the new table of a rebalance diff line by line.
 func (m *Map) TOML() string {
 	hosts := m.Hosts()
-	first := func(h string) int {
-		for s, o := range m.owner {
-			if o == h {
-				return s
-			}
-		}
-		return len(m.owner)
-	}
-	firsts := make(map[string]int, len(hosts))
-	for _, h := range hosts {
-		firsts[h] = first(h)
-	}
-	slices.SortStableFunc(hosts, func(a, b string) int { return cmp.Compare(firsts[a], firsts[b]) })
+	slices.SortStableFunc(hosts, naturalCompare) // stable: "fe01" and "fe1" tie
 
 	var b strings.Builder
 	b.WriteString("[shards.map]\n")
@@ -316,4 +304,32 @@ func tomlKey(k string) string {
 	}
 	b.WriteByte('"')
 	return b.String()
+}
+
+// naturalCompare orders strings with their digit runs compared as numbers.
+func naturalCompare(a, b string) int {
+	for a != "" && b != "" {
+		da, db := digitPrefix(a), digitPrefix(b)
+		if da > 0 && db > 0 {
+			na, nb := strings.TrimLeft(a[:da], "0"), strings.TrimLeft(b[:db], "0")
+			if c := cmp.Or(cmp.Compare(len(na), len(nb)), strings.Compare(na, nb)); c != 0 {
+				return c
+			}
+			a, b = a[da:], b[db:]
+			continue
+		}
+		if c := cmp.Compare(a[0], b[0]); c != 0 {
+			return c
+		}
+		a, b = a[1:], b[1:]
+	}
+	return cmp.Compare(len(a), len(b))
+}
+
+func digitPrefix(s string) int {
+	i := 0
+	for i < len(s) && s[i] >= '0' && s[i] <= '9' {
+		i++
+	}
+	return i
 }

@@ -186,19 +186,21 @@ func TestTOMLRoundTripsThroughPushrelayToml(t *testing.T) {
 	}
 }
 
-func TestTOMLCompressesRangesAndOrdersHostsByFirstShard(t *testing.T) {
-	m, err := shard.ParseMap(12, map[string][]string{
-		"b":     {"0", "1", "2-4", "9"},
-		"a":     {"5-8", "10", "11"},
+func TestTOMLCompressesRangesAndOrdersHostsNaturally(t *testing.T) {
+	m, err := shard.ParseMap(14, map[string][]string{
+		"fe10":  {"0", "1", "2-4", "9"},
+		"fe2":   {"5-8", "10", "11"},
+		"fe1":   {"12-13"},
 		"empty": {},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := "[shards.map]\n" +
-		`b = ["0-4", "9"]` + "\n" +
-		`a = ["5-8", "10-11"]` + "\n" +
-		`empty = []` + "\n"
+		`empty = []` + "\n" +
+		`fe1 = ["12-13"]` + "\n" +
+		`fe2 = ["5-8", "10-11"]` + "\n" +
+		`fe10 = ["0-4", "9"]` + "\n"
 	if got := m.TOML(); got != want {
 		t.Errorf("TOML():\n%s\nwant:\n%s", got, want)
 	}

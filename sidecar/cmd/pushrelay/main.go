@@ -18,6 +18,11 @@ commands:
   run -config FILE                 relay this host's queue to the local publisher
   check-config FILE                validate a config file (exit 0, or 1 with the error)
   probes [-config FILE] [-for 5s]  count this host's Nginx connections/packets with eBPF and print /metrics
+  shard [-config FILE] CHANNEL...  print "channel shard owner" for each channel
+  plan -hosts fe1,fe2,... [-from FILE] [-count N]
+                                   print a balanced [shards.map]; with -from, the one moving the fewest shards
+  publish [-config FILE] -channel C [-type T] [-id ID] [-content-type CT] < body
+                                   publish one message as the web tier does
   version                          print the version
 `
 
@@ -37,6 +42,12 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return checkConfig(rest, stdout, stderr)
 	case "probes":
 		return runProbes(rest, stdout, stderr)
+	case "shard":
+		return runShard(rest, stdout, stderr)
+	case "plan":
+		return runPlan(rest, stdout, stderr)
+	case "publish":
+		return runPublish(rest, stdin, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "pushrelay", version.Version)
 		return 0

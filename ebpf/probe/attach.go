@@ -115,7 +115,7 @@ func (k *kernel) dropProg(name string) {
 // attachConn attaches the first connection program this kernel and these
 // privileges allow, and returns its mode with the reasons of those that
 // did not attach.
-func (k *kernel) attachConn(spec *ebpf.CollectionSpec, cache *btf.Cache) (mode string, why []string) {
+func (k *kernel) attachConn(spec *ebpf.CollectionSpec, cache *btf.Cache, skip map[string]bool) (mode string, why []string) {
 	type attempt struct {
 		mode, prog string
 		needs      []int
@@ -133,6 +133,10 @@ func (k *kernel) attachConn(spec *ebpf.CollectionSpec, cache *btf.Cache) (mode s
 		}},
 	}
 	for _, a := range attempts {
+		if skip[a.mode] {
+			why = append(why, a.mode+": skipped")
+			continue
+		}
 		prog, err := k.loadProg(spec, cache, a.prog)
 		if err != nil {
 			why = append(why, a.mode+": "+explain(err, a.needs...))
@@ -152,16 +156,24 @@ func (k *kernel) attachConn(spec *ebpf.CollectionSpec, cache *btf.Cache) (mode s
 
 // attachPackets attaches the ingress/egress pair: cgroup_skb on Nginx's
 // cgroup, else tcx on every interface of this network namespace.
-func (k *kernel) attachPackets(spec *ebpf.CollectionSpec, cache *btf.Cache, cgroup string) (mode string, why []string) {
-	if err := k.attachCgroupSKB(spec, cache, cgroup); err != nil {
-		why = append(why, ModeCgroupSKB+": "+err.Error())
-	} else {
-		return ModeCgroupSKB, why
+func (k *kernel) attachPackets(spec *ebpf.CollectionSpec, cache *btf.Cache, cgroup string, skip map[string]bool) (mode string, why []string) {
+	attempts := []struct {
+		mode   string
+		attach func() error
+	}{
+		{ModeCgroupSKB, func() error { return k.attachCgroupSKB(spec, cache, cgroup) }},
+		{ModeTCX, func() error { return k.attachTCX(spec, cache) }},
 	}
-	if err := k.attachTCX(spec, cache); err != nil {
-		why = append(why, ModeTCX+": "+err.Error())
-	} else {
-		return ModeTCX, why
+	for _, a := range attempts {
+		if skip[a.mode] {
+			why = append(why, a.mode+": skipped")
+			continue
+		}
+		if err := a.attach(); err != nil {
+			why = append(why, a.mode+": "+err.Error())
+			continue
+		}
+		return a.mode, why
 	}
 	return ModeNone, why
 }

@@ -90,6 +90,15 @@ type seed struct {
 // a bad Config; a missing privilege or an old kernel is a mode, logged once
 // per probe with the reason.
 func Start(ctx context.Context, cfg Config, reg *telemetry.Registry, log *slog.Logger) (*Probes, error) {
+	return start(ctx, cfg, reg, log, startOptions{})
+}
+
+// startOptions let tests force a fallback the running kernel would not take.
+type startOptions struct {
+	skip map[string]bool // modes not to try
+}
+
+func start(ctx context.Context, cfg Config, reg *telemetry.Registry, log *slog.Logger, opts startOptions) (*Probes, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -104,7 +113,7 @@ func Start(ctx context.Context, cfg Config, reg *telemetry.Registry, log *slog.L
 	for i := maxPorts - 1; i >= 0; i-- {
 		p.free = append(p.free, uint32(i))
 	}
-	p.attach(cfg)
+	p.attach(cfg, opts.skip)
 	p.mu.Lock()
 	err := p.applyPorts(cfg.Ports)
 	p.mu.Unlock()
@@ -124,7 +133,7 @@ func Start(ctx context.Context, cfg Config, reg *telemetry.Registry, log *slog.L
 }
 
 // attach loads the maps and the programs, and logs one line per probe.
-func (p *Probes) attach(cfg Config) {
+func (p *Probes) attach(cfg Config, skip map[string]bool) {
 	netns, err := netnsInode()
 	if err != nil {
 		// Without the inode the filter would drop everything; counting every
@@ -142,8 +151,8 @@ func (p *Probes) attach(cfg Config) {
 		pktWhy = connWhy
 	} else {
 		cache := btf.NewCache()
-		p.modes[ProbeConn], connWhy = p.k.attachConn(spec, cache)
-		p.modes[ProbePackets], pktWhy = p.k.attachPackets(spec, cache, cfg.Cgroup)
+		p.modes[ProbeConn], connWhy = p.k.attachConn(spec, cache, skip)
+		p.modes[ProbePackets], pktWhy = p.k.attachPackets(spec, cache, cfg.Cgroup, skip)
 		if stop, err := enableRunStats(); err == nil {
 			p.stopRun = stop
 		} else {

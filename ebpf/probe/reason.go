@@ -57,7 +57,9 @@ func missingCaps(want ...int) []string {
 // needs: which capability is missing, or that the kernel is too old, followed
 // by the error itself.
 func explain(err error, needs ...int) string {
-	msg := err.Error()
+	// cilium/ebpf blames memlock for every EPERM; on kernels ≥ 5.11 the
+	// cause is a capability or unprivileged_bpf_disabled.
+	msg := strings.Replace(err.Error(), " (MEMLOCK may be too low, consider rlimit.RemoveMemlock)", "", 1)
 	switch {
 	case errors.Is(err, ebpf.ErrNotSupported):
 		return "kernel too old or feature disabled: " + msg

@@ -1,0 +1,292 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// Kind is how a browser subscribes.
+type Kind string
+
+const (
+	EventSource Kind = "eventsource"
+	WebSocket   Kind = "websocket"
+	LongPoll    Kind = "longpoll"
+)
+
+// Subscriber is one browser watching one channel. It reconnects when the
+// connection drops and resumes from the last message it saw, as the
+// Push Stream / Nchan JavaScript clients do.
+type Subscriber struct {
+	Channel string
+	Kind    Kind
+	base    string // http://127.0.0.1:port
+
+	mu         sync.Mutex
+	got        []int // message bodies (sequence numbers) in arrival order
+	arrivals   []time.Time
+	lastID     string // SSE / WebSocket resume id
+	lastMod    string // long-poll validators
+	etag       string
+	connected  bool
+	reconnects int
+}
+
+// subscribe starts a subscriber owned by the test: it stops at cleanup.
+func subscribe(t testing.TB, n *Nginx, channel string, kind Kind) *Subscriber {
+	t.Helper()
+	s := &Subscriber{Channel: channel, Kind: kind, base: n.URL("")}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.run(ctx)
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return s
+}
+
+// Retarget points the subscriber at another frontend, as a browser does
+// when the site moves its channel; it resumes there from its last id.
+func (s *Subscriber) Retarget(n *Nginx) {
+	s.mu.Lock()
+	s.base = n.URL("")
+	s.mu.Unlock()
+}
+
+func (s *Subscriber) run(ctx context.Context) {
+	for ctx.Err() == nil {
+		s.mu.Lock()
+		base := s.base
+		s.mu.Unlock()
+		var err error
+		switch s.Kind {
+		case EventSource:
+			err = s.eventSource(ctx, base)
+		case WebSocket:
+			err = s.webSocket(ctx, base)
+		case LongPoll:
+			err = s.longPoll(ctx, base)
+		}
+		s.mu.Lock()
+		s.connected = false
+		if ctx.Err() == nil && err != nil {
+			s.reconnects++
+		}
+		s.mu.Unlock()
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (s *Subscriber) record(body string, id string) {
+	v, err := strconv.Atoi(strings.TrimSpace(body))
+	if err != nil {
+		v = -1 // not one of ours; the check reports it
+	}
+	s.mu.Lock()
+	s.got = append(s.got, v)
+	s.arrivals = append(s.arrivals, time.Now())
+	if id != "" {
+		s.lastID = id
+	}
+	s.mu.Unlock()
+}
+
+// resumeID is the id to resume from. Before any message it is an id older
+// than anything Nchan stores, which replays the channel's whole buffer:
+// the test channels are fresh, so that is exactly what was missed.
+func (s *Subscriber) resumeID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastID == "" {
+		if s.reconnects == 0 {
+			return ""
+		}
+		return "1:0"
+	}
+	return s.lastID
+}
+
+func (s *Subscriber) eventSource(ctx context.Context, base string) error {
+	req, _ := http.NewRequestWithContext(ctx, "GET", base+"/ev/"+s.Channel, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	if id := s.resumeID(); id != "" {
+		req.Header.Set("Last-Event-Id", id)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("status %d", resp.StatusCode)
+	}
+	s.mu.Lock()
+	s.connected = true
+	s.mu.Unlock()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	var id, event string
+	var data []string
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case line == "":
+			if data != nil && event != "ping" {
+				s.record(strings.Join(data, "\n"), id)
+			}
+			id, event, data = "", "", nil
+		case strings.HasPrefix(line, "id: "):
+			id = line[4:]
+		case strings.HasPrefix(line, "event: "):
+			event = line[7:]
+		case strings.HasPrefix(line, "data: "):
+			data = append(data, line[6:])
+		case line == "data:":
+			data = append(data, "")
+		}
+	}
+	return fmt.Errorf("stream ended: %v", sc.Err())
+}
+
+func (s *Subscriber) webSocket(ctx context.Context, base string) error {
+	url := "ws" + strings.TrimPrefix(base, "http") + "/ws/" + s.Channel
+	if id := s.resumeID(); id != "" {
+		url += "?last_event_id=" + id
+	}
+	// ws+meta.nchan prefixes each frame with its id, which makes resuming
+	// after a reconnect possible.
+	c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{"ws+meta.nchan"}})
+	if err != nil {
+		return err
+	}
+	defer c.CloseNow()
+	c.SetReadLimit(1 << 20)
+	s.mu.Lock()
+	s.connected = true
+	s.mu.Unlock()
+	for {
+		_, frame, err := c.Read(ctx)
+		if err != nil {
+			return err
+		}
+		meta, body, _ := strings.Cut(string(frame), "\n\n")
+		var id string
+		for _, line := range strings.Split(meta, "\n") {
+			if v, ok := strings.CutPrefix(line, "id: "); ok {
+				id = v
+			}
+		}
+		s.record(body, id)
+	}
+}
+
+func (s *Subscriber) longPoll(ctx context.Context, base string) error {
+	client := &http.Client{Timeout: 60 * time.Second}
+	for {
+		req, _ := http.NewRequestWithContext(ctx, "GET", base+"/lp/"+s.Channel, nil)
+		s.mu.Lock()
+		if s.lastMod != "" {
+			req.Header.Set("If-Modified-Since", s.lastMod)
+			req.Header.Set("If-None-Match", s.etag)
+		} else if s.reconnects > 0 {
+			// Nothing seen yet but a connection was lost: ask for
+			// everything stored, as for the other kinds.
+			req.Header.Set("If-Modified-Since", "Thu, 01 Jan 1970 00:00:01 GMT")
+			req.Header.Set("If-None-Match", "0")
+		}
+		s.connected = true
+		s.mu.Unlock()
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		var body strings.Builder
+		_, err = bufio.NewReader(resp.Body).WriteTo(&body)
+		resp.Body.Close()
+		if err != nil {
+			return err
+		}
+		switch resp.StatusCode {
+		case 200:
+			s.mu.Lock()
+			s.lastMod, s.etag = resp.Header.Get("Last-Modified"), resp.Header.Get("Etag")
+			s.mu.Unlock()
+			s.record(body.String(), "")
+		case 304, 408: // nothing new before the subscriber timeout: ask again
+		default:
+			return fmt.Errorf("long-poll status %d", resp.StatusCode)
+		}
+	}
+}
+
+// Got returns a copy of what arrived so far.
+func (s *Subscriber) Got() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]int(nil), s.got...)
+}
+
+// Check verifies that the subscriber saw messages 1..want of its channel,
+// each first seen in order, none missing. Duplicates (a redelivery after a
+// crash) are allowed and returned.
+func (s *Subscriber) Check(want int) (dups int, err error) {
+	seen := make(map[int]bool, want)
+	last := 0
+	for i, v := range s.Got() {
+		switch {
+		case v == 0: // warm-up
+		case v < 1 || v > want:
+			return dups, fmt.Errorf("%s %s: message %d is %d, not one of 1..%d", s.Kind, s.Channel, i, v, want)
+		case seen[v]:
+			dups++
+		case v != last+1:
+			return dups, fmt.Errorf("%s %s: got %d after %d: messages %d..%d missing or out of order",
+				s.Kind, s.Channel, v, last, last+1, v-1)
+		default:
+			seen[v] = true
+			last = v
+		}
+	}
+	if last != want {
+		return dups, fmt.Errorf("%s %s: got messages 1..%d of %d", s.Kind, s.Channel, last, want)
+	}
+	return dups, nil
+}
+
+// waitSubscribed waits until every subscriber receives a warm-up message
+// (body "0") published straight to Nginx: only then is a message published
+// through the relay sure to reach it. (Nchan's per-channel subscriber count
+// is per worker and cannot tell.)
+func waitSubscribed(t testing.TB, n *Nginx, subs []*Subscriber) {
+	t.Helper()
+	waitFor(t, "subscribers to receive the warm-up message", 30*time.Second, func() bool {
+		ready := true
+		for _, s := range subs {
+			if !slices.Contains(s.Got(), 0) {
+				ready = false
+				resp, err := http.Post(n.URL("/pub?id="+s.Channel), "text/plain", strings.NewReader("0"))
+				if err == nil {
+					resp.Body.Close()
+				}
+			}
+		}
+		if !ready {
+			time.Sleep(200 * time.Millisecond)
+		}
+		return ready
+	})
+}

@@ -7,12 +7,16 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 
+	"github.com/pushrelay/pushrelay/ebpf/probe"
 	"github.com/pushrelay/pushrelay/sidecar/config"
+	"github.com/pushrelay/pushrelay/sidecar/nginxstats"
 	"github.com/pushrelay/pushrelay/sidecar/relay"
 	"github.com/pushrelay/pushrelay/sidecar/sdnotify"
 	"github.com/pushrelay/pushrelay/sidecar/telemetry"
@@ -56,22 +60,42 @@ func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVa
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	notify := sdnotify.FromEnv()
-	url, err := cfg.AMQPURL()
+	amqpURL, err := cfg.AMQPURL()
 	if err != nil {
 		return err
 	}
-	log.Info("starting", "version", version.Version, "host", cfg.Host, "amqp", config.Redact(url),
+	log.Info("starting", "version", version.Version, "host", cfg.Host, "amqp", config.Redact(amqpURL),
 		"queue", cfg.AMQP.Queue, "publisher", cfg.Push.URL, "dialect", cfg.Push.Dialect)
 
 	reg := telemetry.New()
-	r, err := relay.New(cfg, log, level, reg, relay.Hooks{})
+	var probes *probe.Probes
+	if cfg.Probes.Enabled {
+		// Start never fails for lack of privileges: it falls back to /proc
+		// and says why, so the relay relays wherever it runs.
+		if probes, err = probe.Start(ctx, probeConfig(cfg), reg, log); err != nil {
+			return err
+		}
+		defer probes.Close()
+	}
+	r, err := relay.New(cfg, log, level, reg, relay.Hooks{OnReload: func(next config.Config) {
+		if probes != nil {
+			if err := probes.SetPorts(probeConfig(next).Ports); err != nil {
+				log.Warn("probes: new ports", "err", err)
+			}
+		}
+	}})
 	if err != nil {
 		return err
 	}
+	stats := nginxstats.New(cfg.Push.Dialect, statsURL(cfg.Push), cfg.Probes.Interval.D(), reg, log)
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)
-	wg.Add(2)
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		stats.Run(ctx)
+	}()
 	go func() {
 		defer wg.Done()
 		if err := relay.Serve(ctx, cfg.Metrics.Listen, r.Handler(reg)); err != nil {
@@ -109,6 +133,26 @@ func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVa
 	wg.Wait()
 	close(errs)
 	return errors.Join(collect(errs)...)
+}
+
+func probeConfig(cfg config.Config) probe.Config {
+	ports := make([]uint16, len(cfg.Probes.Ports))
+	for i, p := range cfg.Probes.Ports {
+		ports[i] = uint16(p) // Validate checked the range
+	}
+	return probe.Config{Ports: ports, Cgroup: cfg.Probes.Cgroup, Interval: cfg.Probes.Interval.D()}
+}
+
+// statsURL is push.stats_url, or the module's statistics location on the
+// publisher's host: the project's Nginx snippets serve it at /channels-stats.
+func statsURL(p config.Push) string {
+	if p.StatsURL != "" {
+		return p.StatsURL
+	}
+	if u, err := url.Parse(strings.Replace(p.URL, "{channel}", "x", 1)); err == nil {
+		return u.Scheme + "://" + u.Host + "/channels-stats"
+	}
+	return ""
 }
 
 func collect(errs <-chan error) []error {

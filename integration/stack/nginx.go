@@ -1,0 +1,215 @@
+// Package stack runs the real pieces of a frontend for tests, the demo and
+// the benchmarks: Debian's Nginx with the Nchan module and the project's
+// nginx/ snippet, the pushrelay binary with a generated config, and
+// EventSource subscribers. It is the one place that knows how to start
+// them, so that what the tests check is what the demo shows and what the
+// benchmarks measure.
+package stack
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// NchanModule is where Debian's libnginx-mod-nchan installs the module.
+const NchanModule = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+
+// RepoRoot is the checkout this package was built from.
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Dir(filepath.Dir(filepath.Dir(file)))
+}
+
+// NchanSnippet is the project's Nchan server-block snippet.
+func NchanSnippet() string { return filepath.Join(RepoRoot(), "nginx", "pushrelay-nchan.conf") }
+
+// NginxOptions shape the generated nginx.conf.
+type NginxOptions struct {
+	Dir     string // prefix directory (created by the caller; holds conf, pid, logs)
+	Listen  string // address:port; default 127.0.0.1 and a free port
+	Workers int    // worker_processes; default 2
+	Modules []string
+	HTTP    string // directives at http{} level
+	Server  string // directives inside server{}; default: include the Nchan snippet
+	// CgroupFD, if positive, starts the master in that cgroup v2 directory
+	// (CLONE_INTO_CGROUP), so its workers are born there too.
+	CgroupFD int
+}
+
+// Nginx is a running instance, a child of this process.
+type Nginx struct {
+	Addr   string // 127.0.0.1:port
+	Prefix string
+	conf   string
+	opts   NginxOptions
+	cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// StartNginx writes the config and starts nginx, returning once it answers.
+func StartNginx(o NginxOptions) (*Nginx, error) {
+	if o.Listen == "" {
+		port, err := FreePort()
+		if err != nil {
+			return nil, err
+		}
+		o.Listen = fmt.Sprintf("127.0.0.1:%d", port)
+	}
+	if o.Workers == 0 {
+		o.Workers = 2
+	}
+	if o.Modules == nil {
+		o.Modules = []string{NchanModule}
+	}
+	if o.Server == "" {
+		o.Server = "include " + NchanSnippet() + ";"
+	}
+	for _, m := range o.Modules {
+		if _, err := os.Stat(m); err != nil {
+			return nil, fmt.Errorf("nginx module %s missing (run `make deps`): %w", m, err)
+		}
+	}
+	n := &Nginx{Addr: o.Listen, Prefix: o.Dir, conf: filepath.Join(o.Dir, "nginx.conf"), opts: o}
+	var conf strings.Builder
+	for _, m := range o.Modules {
+		fmt.Fprintf(&conf, "load_module %s;\n", m)
+	}
+	if os.Getuid() == 0 {
+		conf.WriteString("user root;\n") // workers can then read 0700 temp dirs
+	}
+	fmt.Fprintf(&conf, `daemon off;
+master_process on;
+worker_processes %[1]d;
+worker_rlimit_nofile 20000;
+pid %[2]s/nginx.pid;
+error_log %[2]s/error.log notice;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    client_body_temp_path %[2]s/body;
+    proxy_temp_path %[2]s/proxy;
+    fastcgi_temp_path %[2]s/fastcgi;
+    uwsgi_temp_path %[2]s/uwsgi;
+    scgi_temp_path %[2]s/scgi;
+    %[3]s
+    server {
+        listen %[4]s;
+        %[5]s
+    }
+}
+`, o.Workers, o.Dir, o.HTTP, o.Listen, o.Server)
+	if err := os.WriteFile(n.conf, []byte(conf.String()), 0o644); err != nil {
+		return nil, err
+	}
+	return n, n.Start()
+}
+
+// Start (re)starts the instance and waits until it answers HTTP.
+func (n *Nginx) Start() error {
+	cmd := exec.Command("nginx", "-p", n.Prefix, "-c", n.conf, "-e", filepath.Join(n.Prefix, "error.log"))
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	// Pdeathsig: a crashed test or demo must not leave nginx behind.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if n.opts.CgroupFD > 0 {
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = n.opts.CgroupFD
+	}
+	// Pdeathsig follows the thread that forked, so keep it alive.
+	runtime.LockOSThread()
+	err := cmd.Start()
+	runtime.UnlockOSThread()
+	if err != nil {
+		return fmt.Errorf("start nginx: %w", err)
+	}
+	n.cmd = cmd
+	n.exited = make(chan struct{})
+	go func(exited chan struct{}) { cmd.Wait(); close(exited) }(n.exited)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		select {
+		case <-n.exited:
+			return fmt.Errorf("nginx exited at start:\n%s", n.ErrorLog())
+		default:
+		}
+		c, err := net.DialTimeout("tcp", n.Addr, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			n.Stop()
+			return fmt.Errorf("nginx did not listen on %s: %w\n%s", n.Addr, err, n.ErrorLog())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Stop shuts nginx down fast (SIGTERM) and waits for it; SIGKILL to the
+// whole process group after 10 s.
+func (n *Nginx) Stop() {
+	if n.cmd == nil {
+		return
+	}
+	n.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-n.exited:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
+		<-n.exited
+	}
+	n.cmd = nil
+}
+
+// Pid is the master's process id, or 0 when stopped.
+func (n *Nginx) Pid() int {
+	if n.cmd == nil {
+		return 0
+	}
+	return n.cmd.Process.Pid
+}
+
+// URL is http://addr + path.
+func (n *Nginx) URL(path string) string { return "http://" + n.Addr + path }
+
+// PublishURL is the relay's [push] url for this instance.
+func (n *Nginx) PublishURL() string { return n.URL("/pub?id={channel}") }
+
+// ErrorLog returns nginx's error log so far.
+func (n *Nginx) ErrorLog() string {
+	b, _ := os.ReadFile(filepath.Join(n.Prefix, "error.log"))
+	return string(b)
+}
+
+// Publish posts body to channel straight to Nginx, bypassing the relay.
+func (n *Nginx) Publish(channel, body string) error {
+	resp, err := http.Post(n.URL("/pub?id="+channel), "text/plain", strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 201 && resp.StatusCode != 202 {
+		return fmt.Errorf("publish to %s: status %d", channel, resp.StatusCode)
+	}
+	return nil
+}
+
+// FreePort returns a loopback TCP port nobody listens on right now.
+func FreePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+var errStopped = errors.New("stopped")

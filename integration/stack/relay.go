@@ -1,0 +1,202 @@
+package stack
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// RelayConfig are the config values the tests, demo and benchmarks vary.
+type RelayConfig struct {
+	Host        string
+	AMQPURL     string
+	Exchange    string
+	Publish     string // [push] url
+	Prefetch    int    // default 1024
+	Connections int    // default 4
+	MaxBody     int    // default 32768
+	Extra       string // more TOML, appended as is
+}
+
+// TOML renders the config file.
+func (c RelayConfig) TOML(metricsAddr string) string {
+	def := func(v, d int) int {
+		if v == 0 {
+			return d
+		}
+		return v
+	}
+	return fmt.Sprintf(`host = %q
+shutdown_timeout = "10s"
+[amqp]
+url = %q
+exchange = %q
+prefetch = %d
+[push]
+dialect = "nchan"
+url = %q
+connections = %d
+timeout = "2s"
+retry_max = "500ms"
+max_body = %d
+[metrics]
+listen = %q
+[log]
+level = "info"
+format = "text"
+[probes]
+enabled = false
+%s`, c.Host, c.AMQPURL, c.Exchange, def(c.Prefetch, 1024), c.Publish, def(c.Connections, 4),
+		def(c.MaxBody, 32768), metricsAddr, c.Extra)
+}
+
+// Relay is the pushrelay binary running with a generated config.
+type Relay struct {
+	Bin         string
+	Config      string // path of the TOML file
+	MetricsAddr string
+	cmd         *exec.Cmd
+	exited      chan struct{}
+	log         lockedBuffer
+}
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// NewRelay writes cfg into dir; Start runs it.
+func NewRelay(bin, dir string, cfg RelayConfig) (*Relay, error) {
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	r := &Relay{Bin: bin, Config: filepath.Join(dir, "pushrelay.toml"), MetricsAddr: fmt.Sprintf("127.0.0.1:%d", port)}
+	return r, r.WriteConfig(cfg)
+}
+
+// WriteConfig replaces the config file; Reload makes the relay read it.
+func (r *Relay) WriteConfig(cfg RelayConfig) error {
+	return os.WriteFile(r.Config, []byte(cfg.TOML(r.MetricsAddr)), 0o644)
+}
+
+// Start runs the binary and waits until /readyz says it is consuming and
+// Nginx answers.
+func (r *Relay) Start() error {
+	cmd := exec.Command(r.Bin, "run", "-config", r.Config)
+	cmd.Stdout, cmd.Stderr = &r.log, &r.log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start relay: %w", err)
+	}
+	r.cmd = cmd
+	r.exited = make(chan struct{})
+	go func(exited chan struct{}) { cmd.Wait(); close(exited) }(r.exited)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		select {
+		case <-r.exited:
+			r.cmd = nil
+			return fmt.Errorf("relay exited at start:\n%s", r.Log())
+		default:
+		}
+		if resp, err := http.Get("http://" + r.MetricsAddr + "/readyz"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("relay not ready after 20s:\n%s", r.Log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Stop sends SIGTERM and waits for the graceful stop.
+func (r *Relay) Stop() error { return r.signalAndWait(syscall.SIGTERM) }
+
+// Kill sends SIGKILL: no ack of what is in flight, no cleanup.
+func (r *Relay) Kill() error { return r.signalAndWait(syscall.SIGKILL) }
+
+func (r *Relay) signalAndWait(sig syscall.Signal) error {
+	if r.cmd == nil {
+		return nil
+	}
+	defer func() { r.cmd = nil }()
+	r.cmd.Process.Signal(sig)
+	select {
+	case <-r.exited:
+		return nil
+	case <-time.After(20 * time.Second):
+		r.cmd.Process.Kill()
+		<-r.exited
+		return fmt.Errorf("relay did not stop within 20s of %v", sig)
+	}
+}
+
+// Reload sends SIGHUP, as `systemctl reload pushrelay` does.
+func (r *Relay) Reload() error {
+	if r.cmd == nil {
+		return errStopped
+	}
+	return r.cmd.Process.Signal(syscall.SIGHUP)
+}
+
+// Pid is the relay's process id, or 0 when stopped.
+func (r *Relay) Pid() int {
+	if r.cmd == nil {
+		return 0
+	}
+	return r.cmd.Process.Pid
+}
+
+// Metrics returns the /metrics text.
+func (r *Relay) Metrics() (string, error) {
+	resp, err := http.Get("http://" + r.MetricsAddr + "/metrics")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+// Metric returns the value of one sample of /metrics, or -1 if absent.
+func (r *Relay) Metric(sample string) float64 {
+	text, err := r.Metrics()
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(text, "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return -1
+}
+
+// Log is what the relay wrote so far.
+func (r *Relay) Log() string { return r.log.String() }

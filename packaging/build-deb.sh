@@ -5,6 +5,8 @@
 #   DEB_VERSION  the package version                (default: debversion.sh)
 #   OUT          output directory                   (default: dist)
 #   GO           go command                         (default: go)
+#   CONFIG       the conffile to ship   (default: packaging/pushrelay.toml;
+#                the upgrade test ships a changed one as the next version)
 # Prints the path of the .deb on its last line.
 set -euo pipefail
 
@@ -41,7 +43,7 @@ CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "$GO" build -trimpath -buildvcs=false \
 chmod 0755 "$root/usr/bin/pushrelay"
 
 install -m 0644 packaging/pushrelay.service "$root/lib/systemd/system/pushrelay.service"
-install -m 0644 packaging/pushrelay.toml "$root/etc/pushrelay/pushrelay.toml"
+install -m 0644 "${CONFIG:-packaging/pushrelay.toml}" "$root/etc/pushrelay/pushrelay.toml"
 for f in pushrelay-pushstream.conf pushrelay-pushstream-http.conf pushrelay-nchan.conf pushrelay-nchan-http.conf; do
 	install -m 0644 "nginx/$f" "$root/etc/nginx/snippets/$f"
 done

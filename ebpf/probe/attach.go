@@ -38,6 +38,7 @@ type kernel struct {
 	stats *ebpf.Map // per-CPU counters by slot
 	progs map[string]*ebpf.Program
 	links []link.Link
+	cg    cgroupLinks // cgroup_skb mode only
 	ncpu  int
 }
 
@@ -46,6 +47,7 @@ func (k *kernel) close() error {
 	for i := len(k.links) - 1; i >= 0; i-- {
 		errs = append(errs, k.links[i].Close())
 	}
+	errs = append(errs, k.cg.close())
 	for _, p := range k.progs {
 		errs = append(errs, p.Close())
 	}
@@ -189,30 +191,77 @@ func (k *kernel) attachCgroupSKB(spec *ebpf.CollectionSpec, cache *btf.Cache, cg
 	if st.Type != unix.CGROUP2_SUPER_MAGIC {
 		return fmt.Errorf("%s is not on a cgroup v2 mount", cgroup)
 	}
-	var links []link.Link
+	for _, name := range []string{bpfProgPktCgIngress, bpfProgPktCgEgress} {
+		if _, err := k.loadProg(spec, cache, name); err != nil {
+			k.dropProg(bpfProgPktCgIngress)
+			return fmt.Errorf("%s", explain(err, capBPF, capNetAdmin))
+		}
+	}
+	k.cg.path = cgroup
+	if err := k.linkCgroup(); err != nil {
+		k.dropProg(bpfProgPktCgIngress)
+		k.dropProg(bpfProgPktCgEgress)
+		return err
+	}
+	return nil
+}
+
+// cgroupLinks are the cgroup_skb links and the cgroup directory they hold:
+// systemd removes and recreates a service's cgroup when the service
+// restarts, which detaches the programs, so the inode is watched.
+type cgroupLinks struct {
+	path  string
+	ino   uint64
+	links []link.Link
+}
+
+func (c *cgroupLinks) close() error {
+	var errs []error
+	for _, l := range c.links {
+		errs = append(errs, l.Close())
+	}
+	c.links, c.ino = nil, 0
+	return errors.Join(errs...)
+}
+
+// linkCgroup attaches the loaded cgroup_skb programs to k.cg.path.
+func (k *kernel) linkCgroup() error {
+	var st unix.Stat_t
+	if err := unix.Stat(k.cg.path, &st); err != nil {
+		return fmt.Errorf("cgroup %s: %w", k.cg.path, err)
+	}
 	for _, d := range []struct {
 		prog   string
 		attach ebpf.AttachType
 	}{{bpfProgPktCgIngress, ebpf.AttachCGroupInetIngress}, {bpfProgPktCgEgress, ebpf.AttachCGroupInetEgress}} {
-		prog, err := k.loadProg(spec, cache, d.prog)
-		if err == nil {
-			var l link.Link
-			l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: d.attach, Program: prog})
-			if err == nil {
-				links = append(links, l)
-				continue
-			}
-			err = fmt.Errorf("attach: %w", err)
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: k.cg.path, Attach: d.attach, Program: k.progs[d.prog]})
+		if err != nil {
+			k.cg.close()
+			return fmt.Errorf("attach: %s", explain(err, capBPF, capNetAdmin))
 		}
-		for _, l := range links {
-			l.Close()
-		}
-		k.dropProg(bpfProgPktCgIngress)
-		k.dropProg(bpfProgPktCgEgress)
-		return fmt.Errorf("%s", explain(err, capBPF, capNetAdmin))
+		k.cg.links = append(k.cg.links, l)
 	}
-	k.links = append(k.links, links...)
+	k.cg.ino = st.Ino
 	return nil
+}
+
+// followCgroup re-attaches the cgroup_skb programs when the cgroup directory
+// was replaced (or comes back) since they were attached. It reports whether
+// it did anything.
+func (k *kernel) followCgroup() (changed bool, err error) {
+	var st unix.Stat_t
+	if err := unix.Stat(k.cg.path, &st); err != nil {
+		if k.cg.ino == 0 {
+			return false, nil // still gone
+		}
+		k.cg.close()
+		return true, fmt.Errorf("cgroup %s: %w", k.cg.path, err)
+	}
+	if st.Ino == k.cg.ino {
+		return false, nil
+	}
+	k.cg.close()
+	return true, k.linkCgroup()
 }
 
 // attachTCX covers the interfaces that exist now; one created later (a new

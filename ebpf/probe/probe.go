@@ -72,6 +72,10 @@ type Probes struct {
 	free  []uint32
 	seeds map[uint16]seed
 
+	procEst   map[uint16]int64 // proc mode: the last scan, its ports, the next one due
+	procPorts []uint16
+	procNext  time.Time
+
 	snapMu sync.Mutex // the figures /metrics writes
 	snap   snapshot
 }
@@ -332,10 +336,45 @@ func (p *Probes) poll(ctx context.Context) {
 	}
 }
 
+// procEstablished is the established gauge of proc mode. Listing a million
+// sockets takes about a second of CPU, so scans are spaced to at least 20
+// times their own duration (≤ 5 % of a CPU); a change of ports rescans.
+func (p *Probes) procEstablished(ports []uint16) map[uint16]int64 {
+	p.mu.Lock()
+	due := !time.Now().Before(p.procNext) || !slices.Equal(p.procPorts, ports)
+	cached := p.procEst
+	p.mu.Unlock()
+	if !due {
+		return cached
+	}
+	set := make(map[uint16]bool, len(ports))
+	for _, port := range ports {
+		set[port] = true
+	}
+	start := time.Now()
+	est, err := countEstablished(p.procRoot, set)
+	if err != nil {
+		p.log.Warn("probes: poll /proc", "err", err)
+		return nil
+	}
+	p.mu.Lock()
+	p.procEst, p.procPorts, p.procNext = est, ports, start.Add(max(p.interval, 20*time.Since(start)))
+	p.mu.Unlock()
+	return est
+}
+
 // refresh reads every figure once and swaps the snapshot /metrics writes.
 func (p *Probes) refresh() {
 	s := snapshot{modes: p.Modes()}
 	p.mu.Lock()
+	if p.k != nil && p.modes[ProbePackets] == ModeCgroupSKB {
+		// Packets of a restarted Nginx are missed for at most an interval.
+		if changed, err := p.k.followCgroup(); err != nil {
+			p.log.Warn("probes: Nginx's cgroup went away; packets are not counted until it is back", "err", err)
+		} else if changed {
+			p.log.Info("probes: re-attached to Nginx's new cgroup", "cgroup", p.k.cg.path)
+		}
+	}
 	ports := slices.Clone(p.ports)
 	var counters map[uint16]bpfCounters
 	var err error
@@ -353,13 +392,7 @@ func (p *Probes) refresh() {
 
 	var est map[uint16]int64
 	if !p.connInKernel() {
-		set := make(map[uint16]bool, len(ports))
-		for _, port := range ports {
-			set[port] = true
-		}
-		if est, err = countEstablished(p.procRoot, set); err != nil {
-			p.log.Warn("probes: poll /proc", "err", err)
-		}
+		est = p.procEstablished(ports)
 	}
 	for _, port := range ports {
 		f := portFigures{port: port, c: counters[port]}

@@ -219,3 +219,44 @@ func helperOtherNetns() int {
 	}
 	return runListenerAndConnect(os.Getenv("PORT"), os.Getenv("CONNS"))
 }
+
+// systemd removes and recreates nginx.service's cgroup when Nginx restarts,
+// which detaches cgroup_skb programs; the probes must follow the new one.
+func TestPacketsFollowNginxIntoARecreatedCgroup(t *testing.T) {
+	if !inOwnNetns(t) {
+		return
+	}
+	cgroup, cgfd := newCgroup(t)
+	first := nginxtest.Start(t, nginxtest.Options{Server: nginxServer, CgroupFD: cgfd})
+	port := first.Port
+	p, reg, _ := startProbes(t, Config{Ports: []uint16{port}, Cgroup: cgroup})
+	if p.Modes()[ProbePackets] != ModeCgroupSKB {
+		t.Fatalf("modes = %v, want cgroup_skb packets", p.Modes())
+	}
+	before := shortConnections(t, first.Addr, 10)
+
+	first.Stop()
+	if err := os.Remove(cgroup); err != nil {
+		t.Fatalf("remove the cgroup as systemd does at stop: %v", err)
+	}
+	scrape(t, p, reg) // the poller notices the cgroup is gone
+	if err := os.Mkdir(cgroup, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := syscall.Open(cgroup, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := nginxtest.Start(t, nginxtest.Options{Server: nginxServer, CgroupFD: fd, Port: port})
+	syscall.Close(fd)
+	scrape(t, p, reg) // ... and that it is back
+	after := shortConnections(t, second.Addr, 10)
+
+	want := float64(before.received + after.received)
+	m := waitFor(t, p, reg, func(m map[string]float64) bool {
+		return m[portSample("pushrelay_payload_bytes_total", port, "tx")] >= want
+	})
+	if got := m[portSample("pushrelay_payload_bytes_total", port, "tx")]; got != want {
+		t.Errorf("response payload across the restart = %v, want %v (before %d + after %d)", got, want, before.received, after.received)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,6 +25,8 @@ type Options struct {
 	Modules []string // load_module paths
 	HTTP    string   // extra directives at http{} level
 	Server  string   // directives inside the server{} block
+	// Port to listen on; 0 picks a free one.
+	Port uint16
 	// CgroupFD, if positive, starts the master directly in that cgroup v2
 	// directory (CLONE_INTO_CGROUP), so its workers are born there too.
 	CgroupFD int
@@ -35,6 +38,7 @@ type Nginx struct {
 	Port   uint16
 	Prefix string
 	cmd    *exec.Cmd
+	once   sync.Once
 }
 
 // Start runs nginx, waits until it accepts connections, and stops it with
@@ -49,7 +53,10 @@ func Start(t testing.TB, opts Options) *Nginx {
 		bin = "/usr/sbin/nginx"
 	}
 	prefix := t.TempDir()
-	port := FreePort(t)
+	port := opts.Port
+	if port == 0 {
+		port = FreePort(t)
+	}
 	n := &Nginx{Addr: fmt.Sprintf("127.0.0.1:%d", port), Port: port, Prefix: prefix}
 	var conf strings.Builder
 	for _, m := range opts.Modules {
@@ -102,7 +109,7 @@ http {
 		t.Fatalf("start nginx: %v", err)
 	}
 	n.cmd = cmd
-	t.Cleanup(n.stop)
+	t.Cleanup(n.Stop)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		c, err := net.DialTimeout("tcp", n.Addr, time.Second)
@@ -119,18 +126,20 @@ http {
 	return n
 }
 
-// stop asks for a fast shutdown and waits for the master, which waits for
-// its workers; SIGKILL after 10 s.
-func (n *Nginx) stop() {
-	n.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { n.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		n.cmd.Process.Kill()
-		<-done
-	}
+// Stop asks for a fast shutdown and waits for the master, which waits for
+// its workers; SIGKILL after 10 s. Later calls do nothing.
+func (n *Nginx) Stop() {
+	n.once.Do(func() {
+		n.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { n.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			n.cmd.Process.Kill()
+			<-done
+		}
+	})
 }
 
 // ErrorLog returns nginx's error log so far.

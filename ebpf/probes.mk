@@ -32,3 +32,4 @@ ebpf-check:
 # next to an A/A run. Root only; about a minute.
 bench-probes: deps
 	$(GO) run ./ebpf/cmd/probebench $(BENCH_PROBES_FLAGS)
+	$(GO) test -run '^$$' -bench ProgramsPerEvent -benchtime 20000x ./ebpf/probe/

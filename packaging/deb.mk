@@ -33,5 +33,12 @@ deb-check: deb-deps build
 	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay PUSHRELAY_LINTIAN=1 PUSHRELAY_DEB_INSTALL_TEST=1 \
 		$(GO) test -count=1 -timeout 20m -v ./packaging/
 
+# no-nchan (nginx alone holding the same request, via the echo module)
+# shows nginx's own share of the cost.
 bench-subscribers: deb-deps
-	$(GO) run ./integration/cmd/idlesubs
+	@[ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || { \
+		export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q --no-install-recommends libnginx-mod-http-echo >/dev/null; }
+	$(GO) build -o bin/idlesubs ./integration/cmd/idlesubs
+	bin/idlesubs -n 10000 -variants untuned,shipped,no-nchan
+	bin/idlesubs -n 10000 -channels 1 -variants untuned,shipped,no-nchan
+	bin/idlesubs -n 10000 -channels 1 -variants no-nchan -extra 'request_pool_size 512;'

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
+	"os"
 	"time"
 
 	"github.com/pushrelay/pushrelay/sidecar/telemetry"
@@ -32,6 +34,12 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 			fmt.Fprintln(w, "ready")
 		}
 	})
+	if os.Getenv("PUSHRELAY_PPROF") == "1" {
+		// Profiling on the metrics listener, for benchmarks and incidents;
+		// off by default because the listener may face the network.
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	}
 	return mux
 }
 

@@ -1,0 +1,99 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultsApplyToAMinimalFile(t *testing.T) {
+	cfg, err := Parse([]byte(`host = "fe1"`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.AMQP.Queue != "pushrelay.fe1" {
+		t.Errorf("queue = %q, want pushrelay.fe1", cfg.AMQP.Queue)
+	}
+	if cfg.AMQP.Exchange != "pushrelay" || cfg.Push.Dialect != "pushstream" || cfg.Shards.Count != 1024 ||
+		cfg.Push.MaxBody != 32768 || cfg.ShutdownTimeout.D() != 10*time.Second {
+		t.Errorf("defaults not applied: %+v", cfg)
+	}
+}
+
+func TestUnknownKeysNameKeyAndLine(t *testing.T) {
+	_, err := Parse([]byte("host = \"fe1\"\n[amqp]\nprefetch = 10\nprefech = 20\n[push]\ndialekt = \"nchan\"\n"))
+	if err == nil {
+		t.Fatal("unknown keys accepted")
+	}
+	for _, want := range []string{`line 4: unknown key "amqp.prefech"`, `line 6: unknown key "push.dialekt"`} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
+func TestWrongTypeNamesKeyAndLine(t *testing.T) {
+	_, err := Parse([]byte("host = \"fe1\"\n[push]\ntimeout = \"soon\"\n"))
+	if err == nil || !strings.Contains(err.Error(), "line 3") || !strings.Contains(err.Error(), "push.timeout") {
+		t.Fatalf("error %v should name line 3 and push.timeout", err)
+	}
+}
+
+func TestValidationNamesEveryBadKey(t *testing.T) {
+	_, err := Parse([]byte(`host = "fe1"
+[amqp]
+prefetch = 0
+queue_type = "stream"
+[push]
+dialect = "websocket"
+url = "https://127.0.0.1/pub"
+connections = 0
+[log]
+level = "loud"
+`))
+	if err == nil {
+		t.Fatal("invalid config accepted")
+	}
+	for _, key := range []string{"amqp.prefetch", "amqp.queue_type", "push.dialect", "push.url", "push.connections", "log.level"} {
+		if !strings.Contains(err.Error(), `"`+key+`"`) {
+			t.Errorf("error does not name %s:\n%v", key, err)
+		}
+	}
+}
+
+func TestAMQPURLSources(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "url")
+	if err := os.WriteFile(file, []byte("amqp://u:secret@broker:5672/\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Parse([]byte("host = \"fe1\"\n[amqp]\nurl_file = \"" + file + "\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u, err := cfg.AMQPURL(); err != nil || u != "amqp://u:secret@broker:5672/" {
+		t.Errorf("url_file: %q, %v", u, err)
+	}
+	t.Setenv(EnvAMQPURL, "amqp://env:pw@h/")
+	cfg, _ = Parse([]byte(`host = "fe1"`))
+	if u, _ := cfg.AMQPURL(); u != "amqp://env:pw@h/" {
+		t.Errorf("env: %q", u)
+	}
+	if _, err := Parse([]byte("host = \"fe1\"\n[amqp]\nurl = \"amqp://a\"\nurl_file = \"/x\"\n")); err == nil {
+		t.Error("url and url_file together accepted")
+	}
+	if got := Redact("amqp://u:secret@broker:5672/"); strings.Contains(got, "secret") {
+		t.Errorf("Redact leaks the password: %s", got)
+	}
+}
+
+// The shipped example must stay loadable: the .deb installs it as the
+// conffile.
+func TestShippedExampleLoads(t *testing.T) {
+	path := filepath.Join("..", "..", "packaging", "pushrelay.toml")
+	if _, err := Load(path); err != nil {
+		t.Fatal(err)
+	}
+}

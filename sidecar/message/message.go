@@ -91,7 +91,7 @@ func CheckChannel(ch string) Reason {
 		return InvalidChannel
 	}
 	for i := 0; i < len(ch); i++ {
-		if !channelByte[ch[i]] {
+		if !ChannelByte(ch[i]) {
 			return InvalidChannel
 		}
 	}
@@ -120,6 +120,9 @@ func headerSafe(s string) bool {
 	}
 	return true
 }
+
+// ChannelByte reports whether c may appear in a channel id.
+func ChannelByte(c byte) bool { return channelByte[c] }
 
 var channelByte = func() (t [256]bool) {
 	for c := 'a'; c <= 'z'; c++ {

@@ -3,54 +3,42 @@ package producer
 import (
 	"errors"
 	"fmt"
+	"strings"
+
+	"github.com/pushrelay/pushrelay/sidecar/message"
 )
 
 // MaxChannelLen is the longest channel id the relay accepts: Push Stream's
 // push_stream_max_channel_id_length and Nchan's nchan_max_channel_id_length
 // in the shipped Nginx config.
-const MaxChannelLen = 200
+const MaxChannelLen = message.MaxChannelLen
 
 // maxShortString is AMQP's limit on message_id, type and content_type.
 const maxShortString = 255
 
-// ValidChannel applies the relay's channel id rules: 1–200 bytes of
-// [A-Za-z0-9_.:@-], not exactly "ALL", not ending in ".b" and digits. The
-// relay dead-letters anything else, so refusing it here tells the web tier
-// at once instead of losing the message quietly.
+// ValidChannel applies the relay's channel id rules (message.CheckChannel):
+// 1–200 bytes of [A-Za-z0-9_.:@-], not exactly "ALL", not ending in ".b"
+// and digits. The relay dead-letters anything else, so refusing it here
+// tells the web tier at once instead of losing the message quietly.
 func ValidChannel(s string) error {
-	switch {
-	case s == "":
+	switch message.CheckChannel(s) {
+	case message.OK:
+		return nil
+	case message.NoChannel:
 		return errors.New("channel is empty")
-	case len(s) > MaxChannelLen:
-		return fmt.Errorf("channel is %d bytes, longer than %d", len(s), MaxChannelLen)
-	}
-	for i := 0; i < len(s); i++ {
-		if !channelByte(s[i]) {
-			return fmt.Errorf("channel %q: byte %q at offset %d is not one of A-Z a-z 0-9 _ . : @ -", s, s[i], i)
+	case message.ReservedChannel:
+		if s == "ALL" {
+			return errors.New(`channel "ALL" is reserved by Push Stream`)
 		}
-	}
-	if s == "ALL" {
-		return errors.New(`channel "ALL" is reserved by Push Stream`)
-	}
-	if backtrackSuffix(s) {
 		// Push Stream strips ".b<N>" as a backtrack request and would
 		// publish to a different channel.
 		return fmt.Errorf("channel %q ends in .b and digits, which Push Stream reads as a backtrack request", s)
 	}
-	return nil
-}
-
-func channelByte(c byte) bool {
-	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-		c == '_' || c == '.' || c == ':' || c == '@' || c == '-'
-}
-
-func backtrackSuffix(s string) bool {
-	i := len(s)
-	for i > 0 && s[i-1] >= '0' && s[i-1] <= '9' {
-		i--
+	if len(s) > MaxChannelLen {
+		return fmt.Errorf("channel is %d bytes, longer than %d", len(s), MaxChannelLen)
 	}
-	return i < len(s) && i >= 2 && s[i-2:i] == ".b"
+	i := strings.IndexFunc(s, func(r rune) bool { return r >= 0x80 || !message.ChannelByte(byte(r)) })
+	return fmt.Errorf("channel %q: byte %q at offset %d is not one of A-Z a-z 0-9 _ . : @ -", s, s[i], i)
 }
 
 // validProperty refuses what must not reach an HTTP header on the relay's

@@ -2,7 +2,6 @@ package probe
 
 import (
 	"fmt"
-	"math"
 	"os"
 	"os/exec"
 	"strings"
@@ -98,25 +97,38 @@ func runExactScenario(t *testing.T, wantConn, wantPackets string, skip []string)
 	// where the test is the only traffic. Both ends of every connection are
 	// local, so PassiveOpens counts our accepts, and every segment and IP
 	// byte on lo is received once, either by Nginx (rx) or by a client (tx).
-	// cgroup_skb does not see segments a TIME_WAIT socket handles (a late
-	// ACK); the tolerance is one such segment per direction.
 	d := func(a, b uint64) float64 { return float64(b - a) }
 	if got, want := wantAccepted, d(snmp0.PassiveOpens, snmp1.PassiveOpens); got != want {
 		t.Errorf("accepted %v, /proc/net/snmp PassiveOpens delta %v", got, want)
 	}
 	pkts := m[portSample("pushrelay_packets_total", port, "rx")] + m[portSample("pushrelay_packets_total", port, "tx")]
-	if want := d(snmp0.InSegs, snmp1.InSegs); math.Abs(pkts-want) > 2 {
-		t.Errorf("packets rx+tx = %v, /proc/net/snmp InSegs delta %v (tolerance ±1 per direction)", pkts, want)
-	}
 	bytes := m[portSample("pushrelay_bytes_total", port, "rx")] + m[portSample("pushrelay_bytes_total", port, "tx")]
-	if want := d(snmp0.InOctets, snmp1.InOctets); math.Abs(bytes-want) > 2*60 {
-		t.Errorf("IP bytes rx+tx = %v, /proc/net/netstat InOctets delta %v (tolerance one 60-byte segment per direction)", bytes, want)
+	missed, missedBytes := d(snmp0.InSegs, snmp1.InSegs)-pkts, d(snmp0.InOctets, snmp1.InOctets)-bytes
+	if wantPackets == ModeTCX {
+		// tcx sees every packet on lo.
+		if missed != 0 || missedBytes != 0 {
+			t.Errorf("tcx: packets rx+tx = %v and IP bytes %v, but InSegs grew by %v and InOctets by %v",
+				pkts, bytes, pkts+missed, bytes+missedBytes)
+		}
+	} else {
+		// cgroup_skb runs for Nginx's own sockets only. When Nginx closes
+		// first, its socket may already be a TIME_WAIT mini-socket when the
+		// client's FIN arrives; that FIN and the ACK the kernel answers with
+		// are not seen. So at most one segment per direction per such
+		// connection is missed, and every missed one is a bare segment:
+		// 20 bytes of IP + 32 of TCP with timestamps, no payload (which is
+		// why the payload figures above are exact in every mode).
+		const bare = 52
+		if missed < 0 || missed > 2*shortConns || missedBytes != bare*missed {
+			t.Errorf("cgroup_skb: %v segments (%v IP bytes) not counted of InSegs +%v (InOctets +%v); want 0..%d bare %d-byte segments",
+				missed, missedBytes, pkts+missed, bytes+missedBytes, 2*shortConns, bare)
+		}
 	}
-	t.Logf("accepted %v closed %v packets rx %v tx %v, bytes rx %v tx %v; snmp: InSegs +%v InOctets +%v",
+	t.Logf("accepted %v closed %v packets rx %v tx %v, bytes rx %v tx %v; snmp: InSegs +%v InOctets +%v; not seen %v",
 		m[portSample("pushrelay_tcp_accepted_connections_total", port)], m[portSample("pushrelay_tcp_closed_connections_total", port)],
 		m[portSample("pushrelay_packets_total", port, "rx")], m[portSample("pushrelay_packets_total", port, "tx")],
 		m[portSample("pushrelay_bytes_total", port, "rx")], m[portSample("pushrelay_bytes_total", port, "tx")],
-		d(snmp0.InSegs, snmp1.InSegs), d(snmp0.InOctets, snmp1.InOctets))
+		d(snmp0.InSegs, snmp1.InSegs), d(snmp0.InOctets, snmp1.InOctets), missed)
 
 	closeHeld()
 	m = waitFor(t, p, reg, func(m map[string]float64) bool {

@@ -101,6 +101,11 @@ func runExactScenario(t *testing.T, wantConn, wantPackets string, skip []string)
 	if got, want := wantAccepted, d(snmp0.PassiveOpens, snmp1.PassiveOpens); got != want {
 		t.Errorf("accepted %v, /proc/net/snmp PassiveOpens delta %v", got, want)
 	}
+	// CurrEstab counts both ends of the held connections, and nothing else
+	// is open once every close has been counted.
+	if got, want := float64(snmp1.CurrEstab), 2*m[portSample("pushrelay_tcp_established_connections", port)]; got != want {
+		t.Errorf("/proc/net/snmp CurrEstab = %v, want both ends of the %v established", got, want/2)
+	}
 	pkts := m[portSample("pushrelay_packets_total", port, "rx")] + m[portSample("pushrelay_packets_total", port, "tx")]
 	bytes := m[portSample("pushrelay_bytes_total", port, "rx")] + m[portSample("pushrelay_bytes_total", port, "tx")]
 	missed, missedBytes := d(snmp0.InSegs, snmp1.InSegs)-pkts, d(snmp0.InOctets, snmp1.InOctets)-bytes

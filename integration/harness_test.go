@@ -254,6 +254,15 @@ func startRelay(t testing.TB, o RelayOptions) *RelayProc {
 	return r
 }
 
+// WriteConfig replaces the relay's config file, for a Reload to read; the
+// metrics address stays the one the running process listens on.
+func (r *RelayProc) WriteConfig(o RelayOptions) {
+	r.t.Helper()
+	if err := os.WriteFile(r.Config, []byte(relayConfig(o, r.MetricsAddr)), 0o644); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
 // Start runs the binary and waits until /readyz says it is consuming and
 // Nginx answers.
 func (r *RelayProc) Start() {

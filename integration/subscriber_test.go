@@ -40,6 +40,8 @@ type Subscriber struct {
 	etag       string
 	connected  bool
 	reconnects int
+	gen        int                // bumped by Move: older connections no longer set resume ids
+	hangup     context.CancelFunc // ends the current connection
 }
 
 // subscribe starts a subscriber owned by the test: it stops at cleanup.
@@ -64,20 +66,43 @@ func (s *Subscriber) Retarget(n *Nginx) {
 	s.mu.Unlock()
 }
 
+// Move switches the subscriber to another frontend now, as a browser does
+// when the web tier sends its channel to the shard's new owner. Its last id
+// means nothing there: Nchan compares ids by (time, tag), and each instance
+// numbers tags on its own, so resuming with it could skip a message stored
+// in the same second. It resumes instead from the first message the new
+// frontend stored since the given time, which, when that is the start of
+// the move, is every message the new owner got for the channel.
+func (s *Subscriber) Move(n *Nginx, since time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.base = n.URL("")
+	s.gen++
+	from := since.Add(-time.Second) // ids after (second, tag 0) would skip tag 0
+	s.lastID = fmt.Sprintf("%d:0", from.Unix())
+	s.lastMod, s.etag = from.UTC().Format(http.TimeFormat), "0"
+	if s.hangup != nil {
+		s.hangup()
+	}
+}
+
 func (s *Subscriber) run(ctx context.Context) {
 	for ctx.Err() == nil {
+		conn, hangup := context.WithCancel(ctx)
 		s.mu.Lock()
-		base := s.base
+		base, gen := s.base, s.gen
+		s.hangup = hangup
 		s.mu.Unlock()
 		var err error
 		switch s.Kind {
 		case EventSource:
-			err = s.eventSource(ctx, base)
+			err = s.eventSource(conn, base, gen)
 		case WebSocket:
-			err = s.webSocket(ctx, base)
+			err = s.webSocket(conn, base, gen)
 		case LongPoll:
-			err = s.longPoll(ctx, base)
+			err = s.longPoll(conn, base, gen)
 		}
+		hangup()
 		s.mu.Lock()
 		s.connected = false
 		if ctx.Err() == nil && err != nil {
@@ -91,7 +116,7 @@ func (s *Subscriber) run(ctx context.Context) {
 	}
 }
 
-func (s *Subscriber) record(body string, id string) {
+func (s *Subscriber) record(body string, id string, gen int) {
 	v, err := strconv.Atoi(strings.TrimSpace(body))
 	if err != nil {
 		v = -1 // not one of ours; the check reports it
@@ -99,7 +124,7 @@ func (s *Subscriber) record(body string, id string) {
 	s.mu.Lock()
 	s.got = append(s.got, v)
 	s.arrivals = append(s.arrivals, time.Now())
-	if id != "" {
+	if id != "" && gen == s.gen {
 		s.lastID = id
 	}
 	s.mu.Unlock()
@@ -120,7 +145,7 @@ func (s *Subscriber) resumeID() string {
 	return s.lastID
 }
 
-func (s *Subscriber) eventSource(ctx context.Context, base string) error {
+func (s *Subscriber) eventSource(ctx context.Context, base string, gen int) error {
 	req, _ := http.NewRequestWithContext(ctx, "GET", base+"/ev/"+s.Channel, nil)
 	req.Header.Set("Accept", "text/event-stream")
 	if id := s.resumeID(); id != "" {
@@ -146,7 +171,7 @@ func (s *Subscriber) eventSource(ctx context.Context, base string) error {
 		switch {
 		case line == "":
 			if data != nil && event != "ping" {
-				s.record(strings.Join(data, "\n"), id)
+				s.record(strings.Join(data, "\n"), id, gen)
 			}
 			id, event, data = "", "", nil
 		case strings.HasPrefix(line, "id: "):
@@ -162,7 +187,7 @@ func (s *Subscriber) eventSource(ctx context.Context, base string) error {
 	return fmt.Errorf("stream ended: %v", sc.Err())
 }
 
-func (s *Subscriber) webSocket(ctx context.Context, base string) error {
+func (s *Subscriber) webSocket(ctx context.Context, base string, gen int) error {
 	url := "ws" + strings.TrimPrefix(base, "http") + "/ws/" + s.Channel
 	if id := s.resumeID(); id != "" {
 		url += "?last_event_id=" + id
@@ -190,11 +215,11 @@ func (s *Subscriber) webSocket(ctx context.Context, base string) error {
 				id = v
 			}
 		}
-		s.record(body, id)
+		s.record(body, id, gen)
 	}
 }
 
-func (s *Subscriber) longPoll(ctx context.Context, base string) error {
+func (s *Subscriber) longPoll(ctx context.Context, base string, gen int) error {
 	client := &http.Client{Timeout: 60 * time.Second}
 	for {
 		req, _ := http.NewRequestWithContext(ctx, "GET", base+"/lp/"+s.Channel, nil)
@@ -223,9 +248,11 @@ func (s *Subscriber) longPoll(ctx context.Context, base string) error {
 		switch resp.StatusCode {
 		case 200:
 			s.mu.Lock()
-			s.lastMod, s.etag = resp.Header.Get("Last-Modified"), resp.Header.Get("Etag")
+			if gen == s.gen {
+				s.lastMod, s.etag = resp.Header.Get("Last-Modified"), resp.Header.Get("Etag")
+			}
 			s.mu.Unlock()
-			s.record(body.String(), "")
+			s.record(body.String(), "", gen)
 		case 304, 408: // nothing new before the subscriber timeout: ask again
 		default:
 			return fmt.Errorf("long-poll status %d", resp.StatusCode)

@@ -51,6 +51,7 @@ install -m 0644 nginx/sysctl/60-pushrelay-frontend.conf "$root/etc/sysctl.d/60-p
 install -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/pushrelay"
 install -m 0644 packaging/debian/copyright "$doc/copyright"
 install -m 0644 nginx/README.md "$doc/README.nginx.md"
+install -m 0644 packaging/debian/README.Debian "$doc/README.Debian"
 
 # The changelog's top entry must name this package's version; a snapshot
 # build gets an entry of its own above the released ones.

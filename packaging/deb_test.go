@@ -259,7 +259,8 @@ func TestInstallUpgradeRemovePurge(t *testing.T) {
 	}
 	for _, p := range []string{"/lib/systemd/system/pushrelay.service", "/etc/sysctl.d/60-pushrelay-frontend.conf",
 		"/etc/nginx/snippets/pushrelay-nchan.conf", "/etc/nginx/snippets/pushrelay-pushstream.conf",
-		"/usr/share/man/man1/pushrelay.1.gz", "/usr/share/doc/pushrelay/copyright", "/usr/share/doc/pushrelay/changelog.gz"} {
+		"/usr/share/man/man1/pushrelay.1.gz", "/usr/share/doc/pushrelay/copyright", "/usr/share/doc/pushrelay/changelog.gz",
+		"/usr/share/doc/pushrelay/README.Debian", "/usr/share/doc/pushrelay/README.nginx.md"} {
 		if !c.exists(p) {
 			t.Errorf("%s not installed", p)
 		}

@@ -2,6 +2,7 @@ package stack
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"io"
 	"net/http"
@@ -24,6 +25,7 @@ type RelayConfig struct {
 	Prefetch    int    // default 1024
 	Connections int    // default 4
 	MaxBody     int    // default 32768
+	Probes      string // the [probes] table's keys; default "enabled = false"
 	Extra       string // more TOML, appended as is
 }
 
@@ -54,14 +56,16 @@ listen = %q
 level = "info"
 format = "text"
 [probes]
-enabled = false
+%s
 %s`, c.Host, c.AMQPURL, c.Exchange, def(c.Prefetch, 1024), c.Publish, def(c.Connections, 4),
-		def(c.MaxBody, 32768), metricsAddr, c.Extra)
+		def(c.MaxBody, 32768), metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
 }
 
 // Relay is the pushrelay binary running with a generated config.
 type Relay struct {
-	Bin         string
+	Bin string
+	// Wrapper runs before Bin, e.g. setpriv to drop privileges.
+	Wrapper     []string
 	Config      string // path of the TOML file
 	MetricsAddr string
 	cmd         *exec.Cmd
@@ -104,7 +108,8 @@ func (r *Relay) WriteConfig(cfg RelayConfig) error {
 // Start runs the binary and waits until /readyz says it is consuming and
 // Nginx answers.
 func (r *Relay) Start() error {
-	cmd := exec.Command(r.Bin, "run", "-config", r.Config)
+	args := append(append([]string{}, r.Wrapper...), r.Bin, "run", "-config", r.Config)
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = &r.log, &r.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

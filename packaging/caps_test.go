@@ -2,7 +2,10 @@ package packaging
 
 import (
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -64,5 +67,115 @@ func TestUnitCapabilitiesAreEnoughForTheProbes(t *testing.T) {
 	}
 	if m := probeModes(t, fewer)["conn"]; m == "tp_btf" || m == "raw_tp" {
 		t.Errorf("conn probe in mode %s without CAP_PERFMON: the check above proves nothing", m)
+	}
+}
+
+// allowedSyscalls expands the unit's SystemCallFilter= allow list with
+// systemd-analyze's own group definitions.
+func allowedSyscalls(t *testing.T, filter []string) map[string]bool {
+	t.Helper()
+	sa := needTool(t, "systemd-analyze", "systemd")
+	out := mustRun(t, time.Minute, nil, sa, "syscall-filter", "--no-pager")
+	groups := map[string][]string{}
+	var current string
+	for _, line := range strings.Split(out, "\n") {
+		trimmed := strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "@"):
+			current = trimmed
+		case trimmed == "" || strings.HasPrefix(trimmed, "#"):
+		case current != "":
+			groups[current] = append(groups[current], trimmed)
+		}
+	}
+	allowed := map[string]bool{}
+	var add func(string)
+	add = func(name string) {
+		if !strings.HasPrefix(name, "@") {
+			allowed[name] = true
+			return
+		}
+		members, ok := groups[name]
+		if !ok {
+			t.Fatalf("systemd-analyze knows no group %s", name)
+		}
+		for _, m := range members {
+			add(m)
+		}
+	}
+	for _, f := range filter {
+		add(f)
+	}
+	return allowed
+}
+
+var straceCallRE = regexp.MustCompile(`^\d+\s+([a-z0-9_]+)\(`)
+
+// Every system call `pushrelay probes` makes is in the unit's
+// SystemCallFilter, so the probes are not refused by seccomp under systemd.
+func TestProbesStayInsideTheSyscallFilter(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to hand capabilities to another uid")
+	}
+	strace, err := exec.LookPath("strace")
+	if err != nil {
+		t.Skip("strace missing (make deb-deps installs it)")
+	}
+	setpriv := needTool(t, "setpriv", "util-linux")
+	unit := readFile(t, "packaging/pushrelay.service")
+	allowed := allowedSyscalls(t, unitValues(unit, "SystemCallFilter"))
+	if !allowed["read"] || allowed["reboot"] {
+		t.Fatalf("expanded filter looks wrong (%d calls)", len(allowed))
+	}
+	set := "-all"
+	for _, c := range unitValues(unit, "AmbientCapabilities") {
+		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+	}
+	// strace writes the trace as the unprivileged uid it runs under, which
+	// cannot enter t.TempDir()'s 0700 parent.
+	dir, err := os.MkdirTemp("", "pushrelay-strace-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	trace := filepath.Join(dir, "strace.out")
+	if err := os.WriteFile(trace, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(trace, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, time.Minute, nil, setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+		"--inh-caps="+set, "--ambient-caps="+set, "--bounding-set="+set,
+		strace, "-f", "-qq", "-o", trace, relayBinary(t), "probes", "-for", "1s")
+	if err != nil {
+		t.Fatalf("strace pushrelay probes: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if m := straceCallRE.FindStringSubmatch(line); m != nil {
+			seen[m[1]] = true
+		}
+	}
+	if !seen["bpf"] {
+		t.Fatalf("the trace shows no bpf() call: not a probe run\n%.2000s", b)
+	}
+	var outside []string
+	for call := range seen {
+		if !allowed[call] {
+			outside = append(outside, call)
+		}
+	}
+	slices.Sort(outside)
+	t.Logf("%d distinct system calls, all in the filter except: %v", len(seen), outside)
+	if len(outside) > 0 {
+		t.Errorf("system calls outside SystemCallFilter (EPERM under systemd): %v", outside)
 	}
 }

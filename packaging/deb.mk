@@ -8,7 +8,7 @@
 #   make bench-subscribers nginx memory per idle EventSource subscriber
 
 DEB_TOOLS := lintian:lintian systemd-analyze:systemd debootstrap:debootstrap \
-	go-md2man:go-md2man dpkg-deb:dpkg nginx:nginx-light
+	go-md2man:go-md2man dpkg-deb:dpkg nginx:nginx-light strace:strace
 DEB_VERSION ?= $(shell packaging/debversion.sh $(VERSION))
 DEB_FILE := dist/pushrelay_$(DEB_VERSION)_amd64.deb
 

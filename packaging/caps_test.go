@@ -179,3 +179,57 @@ func TestProbesStayInsideTheSyscallFilter(t *testing.T) {
 		t.Errorf("system calls outside SystemCallFilter (EPERM under systemd): %v", outside)
 	}
 }
+
+// ProtectControlGroups= mounts the cgroup tree read-only: the packet probe
+// must still attach to a cgroup there. Reproduced with a private mount
+// namespace in which the cgroup2 mount is read-only, so the host's mount
+// stays as it is; the probe attaches to the cgroup2 root for one second.
+func TestPacketProbeAttachesUnderReadOnlyCgroupfs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a mount namespace")
+	}
+	unshare := needTool(t, "unshare", "util-linux")
+	mounts, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cgroup2 string
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
+			cgroup2 = f[1]
+			break
+		}
+	}
+	if cgroup2 == "" {
+		t.Skip("no cgroup v2 mount on this host")
+	}
+	dir, err := os.MkdirTemp("", "pushrelay-cgroup-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "probes.toml")
+	if err := os.WriteFile(conf, []byte("[probes]\ncgroup = \""+cgroup2+"\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	set := "-all"
+	for _, c := range unitValues(readFile(t, "packaging/pushrelay.service"), "AmbientCapabilities") {
+		set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
+	}
+	script := `set -e
+mount -o remount,bind,ro "$1"
+if touch "$1/pushrelay-probe-test" 2>/dev/null; then echo "cgroupfs still writable" >&2; exit 1; fi
+exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps="$2" --ambient-caps="$2" --bounding-set="$2" "$3" probes -config "$4" -for 1s`
+	out := mustRun(t, time.Minute, nil, unshare, "--mount", "--propagation", "private",
+		"sh", "-c", script, "sh", cgroup2, set, relayBinary(t), conf)
+	modes := map[string]string{}
+	for _, m := range probeModeRE.FindAllStringSubmatch(out, -1) {
+		modes[m[1]] = m[2]
+	}
+	if modes["packets"] != "cgroup_skb" {
+		t.Fatalf("packet probe mode %q on read-only %s, want cgroup_skb:\n%s", modes["packets"], cgroup2, out)
+	}
+}

@@ -27,6 +27,7 @@ const EnvAMQPURL = "PUSHRELAY_AMQP_URL"
 type Config struct {
 	Host            string   `toml:"host"`
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	MaxProcs        int      `toml:"max_procs"`
 	AMQP            AMQP     `toml:"amqp"`
 	Push            Push     `toml:"push"`
 	Shards          Shards   `toml:"shards"`
@@ -120,6 +121,7 @@ func Default() Config {
 	return Config{
 		Host:            host,
 		ShutdownTimeout: Duration(10 * time.Second),
+		MaxProcs:        1,
 		AMQP: AMQP{
 			Exchange:            "pushrelay",
 			Prefetch:            2048,
@@ -247,6 +249,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Push.MaxBody < 1 {
 		bad("push.max_body", "must be positive")
+	}
+	if c.MaxProcs < 0 {
+		bad("max_procs", "must be 0 (every CPU) or more, got %d", c.MaxProcs)
 	}
 	if c.ShutdownTimeout <= 0 {
 		bad("shutdown_timeout", "must be positive")

@@ -203,6 +203,7 @@ type RelayOptions struct {
 	Publish  string // [push] url
 	MaxBody  int
 	Extra    string // more TOML, appended as is
+	Queue    string // [amqp] queue; empty: the relay's default, pushrelay.<host>
 }
 
 func relayConfig(o RelayOptions, metricsAddr string) string {
@@ -210,12 +211,16 @@ func relayConfig(o RelayOptions, metricsAddr string) string {
 	if maxBody == 0 {
 		maxBody = 32768
 	}
+	queue := ""
+	if o.Queue != "" {
+		queue = fmt.Sprintf("queue = %q\n", o.Queue)
+	}
 	return fmt.Sprintf(`host = %q
 shutdown_timeout = "10s"
 [amqp]
 url = %q
 exchange = %q
-prefetch = 1024
+%sprefetch = 1024
 [push]
 dialect = "nchan"
 url = %q
@@ -230,7 +235,7 @@ level = "info"
 format = "text"
 [probes]
 enabled = false
-%s`, o.Host, amqpURL, o.Exchange, o.Publish, maxBody, metricsAddr, o.Extra)
+%s`, o.Host, amqpURL, o.Exchange, queue, o.Publish, maxBody, metricsAddr, o.Extra)
 }
 
 func startRelay(t testing.TB, o RelayOptions) *RelayProc {

@@ -10,6 +10,10 @@ command -v nginx >/dev/null || need+=(nginx-light)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
+command -v setpriv >/dev/null || need+=(util-linux)     # the no-privileges probe and relay tests
+command -v systemd-analyze >/dev/null || need+=(systemd) # unit verify and security score (packaging tests)
+command -v strace >/dev/null || need+=(strace)           # the unit's SystemCallFilter check
+command -v go-md2man >/dev/null || need+=(go-md2man)     # the man page
 for tool in ${PUSHRELAY_EXTRA_DEPS:-}; do need+=("$tool"); done
 
 if [ ${#need[@]} -gt 0 ]; then

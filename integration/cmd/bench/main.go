@@ -57,6 +57,9 @@ func main() {
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
+		if r == "" {
+			continue
+		}
 		var v int
 		fmt.Sscan(r, &v)
 		o.rates = append(o.rates, v)

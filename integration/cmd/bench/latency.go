@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -90,12 +91,17 @@ type latencyResult struct {
 	p50, p99 time.Duration
 	max      time.Duration
 	relayCPU float64 // relay CPU, fraction of one core, over the run
+	// The relay's own histogram: producer publish → Nginx accepted, as the
+	// upper bound of the bucket holding p50 and p99, in seconds.
+	lagP50, lagP99 float64
 }
 
 // latencyRun publishes at rate msg/s for d, paced in 5 ms batches, then
 // waits for the subscribers to receive everything (up to 10 s more).
-func latencyRun(ctx context.Context, b *broker, exchange string, w workload, subs *subscribers, rate int, d time.Duration, relayPid int) (latencyResult, error) {
+func latencyRun(ctx context.Context, b *broker, exchange string, w workload, subs *subscribers, rate int, d time.Duration, relay *stack.Relay) (latencyResult, error) {
 	subs.reset()
+	relayPid := relay.Pid()
+	lag0 := lagBuckets(relay)
 	confirmed := make(chan error, 1)
 	total := int(float64(rate) * d.Seconds())
 	go func() { confirmed <- b.awaitConfirms(total) }()
@@ -129,6 +135,8 @@ func latencyRun(ctx context.Context, b *broker, exchange string, w workload, sub
 	}
 	res.elapsed = time.Since(start)
 	res.relayCPU = (procCPU(relayPid) - cpu0).Seconds() / res.elapsed.Seconds()
+	lag1 := lagBuckets(relay)
+	res.lagP50, res.lagP99 = lagQuantile(lag0, lag1, 0.5), lagQuantile(lag0, lag1, 0.99)
 	lat, received := subs.reset()
 	res.received = received
 	slices.Sort(lat)
@@ -138,4 +146,51 @@ func latencyRun(ctx context.Context, b *broker, exchange string, w workload, sub
 		res.max = lat[len(lat)-1]
 	}
 	return res, nil
+}
+
+// lagBuckets reads the relay's pushrelay_message_lag_seconds histogram:
+// cumulative counts by upper bound.
+func lagBuckets(relay *stack.Relay) map[float64]float64 {
+	text, err := relay.Metrics()
+	if err != nil {
+		return nil
+	}
+	out := map[float64]float64{}
+	for _, line := range strings.Split(text, "\n") {
+		rest, ok := strings.CutPrefix(line, `pushrelay_message_lag_seconds_bucket{le="`)
+		if !ok {
+			continue
+		}
+		le, count, ok := strings.Cut(rest, `"} `)
+		if !ok {
+			continue
+		}
+		ub, err1 := strconv.ParseFloat(le, 64)
+		if le == "+Inf" {
+			ub, err1 = math.Inf(1), nil
+		}
+		n, err2 := strconv.ParseFloat(count, 64)
+		if err1 == nil && err2 == nil {
+			out[ub] = n
+		}
+	}
+	return out
+}
+
+// lagQuantile is the upper bound of the bucket holding quantile q of the
+// observations between two readings: the relay's share of the latency
+// (producer publish → Nginx accepted), to the histogram's resolution.
+func lagQuantile(before, after map[float64]float64, q float64) float64 {
+	bounds := make([]float64, 0, len(after))
+	for ub := range after {
+		bounds = append(bounds, ub)
+	}
+	slices.Sort(bounds)
+	total := after[math.Inf(1)] - before[math.Inf(1)]
+	for _, ub := range bounds {
+		if after[ub]-before[ub] >= q*total {
+			return ub
+		}
+	}
+	return math.Inf(1)
 }

@@ -31,9 +31,10 @@ func (r *report) String() string {
 	fmt.Fprintf(&b, "- (c) CPU per message, relay / raw consumer: **%.2f** (target ≤ 1.5)\n\n",
 		float64(r.relay.cpuPerMsg())/float64(r.raw.cpuPerMsg()))
 	fmt.Fprintf(&b, "(d) publish → EventSource subscriber, %d live subscribers, %s per rate:\n\n", r.o.channels, r.o.duration)
-	fmt.Fprintf(&b, "| offered msg/s | sent | received | p50 ms | p99 ms | max ms | relay CPU (cores) |\n|---:|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, "| offered msg/s | sent | received | p50 ms | p99 ms | max ms | publish→Nginx p50 / p99 ms (relay histogram) | relay CPU (cores) |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, l := range r.latency {
-		fmt.Fprintf(&b, "| %d | %d | %d | %.2f | %.2f | %.2f | %.2f |\n", l.offered, l.sent, l.received, ms(l.p50), ms(l.p99), ms(l.max), l.relayCPU)
+		fmt.Fprintf(&b, "| %d | %d | %d | %.2f | %.2f | %.2f | ≤ %g / ≤ %g | %.2f |\n", l.offered, l.sent, l.received,
+			ms(l.p50), ms(l.p99), ms(l.max), l.lagP50*1000, l.lagP99*1000, l.relayCPU)
 	}
 	fmt.Fprintf(&b, "\n(e) publish path: `%s`\n", r.allocs)
 	return b.String()

@@ -78,7 +78,9 @@ func (s *Subscriber) Move(n *Nginx, since time.Time) {
 	defer s.mu.Unlock()
 	s.base = n.URL("")
 	s.gen++
-	from := since.Add(-time.Second) // ids after (second, tag 0) would skip tag 0
+	// Nchan sends what follows the given id, so (second of since, tag 0)
+	// would skip the message stored with that id: start a second earlier.
+	from := since.Add(-time.Second)
 	s.lastID = fmt.Sprintf("%d:0", from.Unix())
 	s.lastMod, s.etag = from.UTC().Format(http.TimeFormat), "0"
 	if s.hangup != nil {

@@ -3,6 +3,7 @@ package integration
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -32,7 +33,15 @@ func TestRelayRelaysWithoutPrivileges(t *testing.T) {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	r, err := stack.NewRelay(relayBin, dir, stack.RelayConfig{
+	// So must the binary: a checkout under /root is out of nobody's reach.
+	bin, err := os.ReadFile(relayBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "pushrelay"), bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r, err := stack.NewRelay(filepath.Join(dir, "pushrelay"), dir, stack.RelayConfig{
 		Host: "it-noprivs", AMQPURL: amqpURL, Exchange: b.Exchange, Publish: ngx.PublishURL(),
 		Probes: "enabled = true\nports = [" + strconv.Itoa(ngx.Port) + "]",
 	})

@@ -59,12 +59,24 @@ func mustRun(t *testing.T, timeout time.Duration, env []string, name string, arg
 }
 
 // relayBinary is $PUSHRELAY_BIN (set by make), else a fresh build.
+//
+// The binary sits in a world-readable directory: tests run it as nobody,
+// who cannot reach a checkout under /root or t.TempDir()'s 0700 parent.
 func relayBinary(t *testing.T) string {
 	t.Helper()
-	if p := os.Getenv("PUSHRELAY_BIN"); p != "" {
+	dir, err := os.MkdirTemp("", "pushrelay-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "pushrelay")
+	if src := os.Getenv("PUSHRELAY_BIN"); src != "" {
+		copyFile(t, src, p, 0o755)
 		return p
 	}
-	p := filepath.Join(t.TempDir(), "pushrelay")
 	mustRun(t, 5*time.Minute, nil, "go", "build", "-o", p, "../sidecar/cmd/pushrelay")
 	return p
 }

@@ -292,14 +292,8 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			if err := r.handleDelivery(ctx, s, &d); err != nil {
 				return err
 			}
-			if err := r.drainReady(ctx, s, deliveries); err != nil {
-				return err
-			}
 		case st := <-r.settles:
 			if err := r.handleSettlement(ctx, s, &st); err != nil {
-				return err
-			}
-			if err := r.drainReady(ctx, s, deliveries); err != nil {
 				return err
 			}
 		case <-ticker.C:
@@ -335,31 +329,6 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			return err
 		}
 	}
-}
-
-// drainReady handles the deliveries and settlements that are already
-// waiting, with a select of two cases instead of the main loop's seven:
-// under load most wake-ups find many of them, and the big select's cost
-// is per message.
-func (r *Relay) drainReady(ctx context.Context, s *session, deliveries <-chan amqp.Delivery) error {
-	for range 512 { // bounded, so reloads, acks and stops are not starved
-		select {
-		case d, ok := <-deliveries:
-			if !ok {
-				return errors.New("delivery channel closed")
-			}
-			if err := r.handleDelivery(ctx, s, &d); err != nil {
-				return err
-			}
-		case st := <-r.settles:
-			if err := r.handleSettlement(ctx, s, &st); err != nil {
-				return err
-			}
-		default:
-			return nil
-		}
-	}
-	return nil
 }
 
 // session is an AMQP session with the outcome of its delivery tags.

@@ -34,12 +34,12 @@ func NchanSnippet() string { return filepath.Join(RepoRoot(), "nginx", "pushrela
 
 // NginxOptions shape the generated nginx.conf.
 type NginxOptions struct {
-	Dir     string // prefix directory (created by the caller; holds conf, pid, logs)
-	Listen  string // address:port; default 127.0.0.1 and a free port
-	Workers int    // worker_processes; default 2
-	Modules []string
-	HTTP    string // directives at http{} level
-	Server  string // directives inside server{}; default: include the Nchan snippet
+	Dir     string   // prefix directory (created by the caller; holds conf, pid, logs)
+	Listen  string   // address:port; default 127.0.0.1 and a free port
+	Workers int      // worker_processes; default 2
+	Modules []string // load_module paths; nil means the Nchan module, empty none
+	HTTP    string   // directives at http{} level
+	Server  string   // directives inside server{}; default: include the Nchan snippet
 	// CgroupFD, if positive, starts the master in that cgroup v2 directory
 	// (CLONE_INTO_CGROUP), so its workers are born there too.
 	CgroupFD int

@@ -21,9 +21,11 @@ type RelayConfig struct {
 	Host        string
 	AMQPURL     string
 	Exchange    string
+	Queue       string // [amqp] queue; empty: the relay's default, pushrelay.<host>
 	Publish     string // [push] url
 	Prefetch    int    // default 1024
 	Connections int    // default 4
+	Pipeline    int    // default 16
 	MaxBody     int    // default 32768
 	Probes      string // the [probes] table's keys; default "enabled = false"
 	Extra       string // more TOML, appended as is
@@ -37,16 +39,21 @@ func (c RelayConfig) TOML(metricsAddr string) string {
 		}
 		return v
 	}
+	queue := ""
+	if c.Queue != "" {
+		queue = fmt.Sprintf("queue = %q\n", c.Queue)
+	}
 	return fmt.Sprintf(`host = %q
 shutdown_timeout = "10s"
 [amqp]
 url = %q
 exchange = %q
-prefetch = %d
+%sprefetch = %d
 [push]
 dialect = "nchan"
 url = %q
 connections = %d
+pipeline = %d
 timeout = "2s"
 retry_max = "500ms"
 max_body = %d
@@ -57,7 +64,7 @@ level = "info"
 format = "text"
 [probes]
 %s
-%s`, c.Host, c.AMQPURL, c.Exchange, def(c.Prefetch, 1024), c.Publish, def(c.Connections, 4),
+%s`, c.Host, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
 		def(c.MaxBody, 32768), metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
 }
 

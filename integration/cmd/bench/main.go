@@ -37,6 +37,8 @@ type options struct {
 	duration time.Duration
 	prefetch int
 	lanes    int
+	pipeline int
+	workers  int
 	out      string
 }
 
@@ -53,7 +55,9 @@ func main() {
 	flag.StringVar(&rates, "rates", "2000,5000,10000", "offered rates for the latency runs, msg/s")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "length of each latency run")
 	flag.IntVar(&o.prefetch, "prefetch", 2048, "prefetch of both the relay and the raw consumer")
-	flag.IntVar(&o.lanes, "connections", 4, "the relay's publisher connections (lanes)")
+	flag.IntVar(&o.lanes, "connections", 8, "the relay's publisher connections (lanes); 8 as shipped")
+	flag.IntVar(&o.pipeline, "pipeline", 16, "the relay's requests in flight per connection")
+	flag.IntVar(&o.workers, "nginx-workers", 2, "Nginx worker processes")
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
@@ -87,7 +91,7 @@ func run(ctx context.Context, o options) error {
 	defer os.RemoveAll(dir)
 	rep := newReport(o)
 
-	ngx, err := stack.StartNginx(stack.NginxOptions{Dir: dir})
+	ngx, err := stack.StartNginx(stack.NginxOptions{Dir: dir, Workers: o.workers})
 	if err != nil {
 		return err
 	}
@@ -127,7 +131,7 @@ func run(ctx context.Context, o options) error {
 	// stopped while the backlog is published and started again to drain.
 	relay, err := stack.NewRelay(o.bin, dir, stack.RelayConfig{
 		Host: host, AMQPURL: o.amqpURL, Exchange: exchange, Publish: ngx.PublishURL(),
-		Prefetch: o.prefetch, Connections: o.lanes,
+		Prefetch: o.prefetch, Connections: o.lanes, Pipeline: o.pipeline,
 	})
 	if err != nil {
 		return err
@@ -211,7 +215,7 @@ func selfPath() string {
 func latencyOnly(ctx context.Context, o options, ngx *stack.Nginx, b *broker, exchange, dir string, w workload) error {
 	relay, err := stack.NewRelay(o.bin, dir, stack.RelayConfig{
 		Host: "bench", AMQPURL: o.amqpURL, Exchange: exchange, Publish: ngx.PublishURL(),
-		Prefetch: o.prefetch, Connections: o.lanes,
+		Prefetch: o.prefetch, Connections: o.lanes, Pipeline: o.pipeline,
 	})
 	if err != nil {
 		return err

@@ -22,8 +22,8 @@ func (r *report) String() string {
 	var b strings.Builder
 	host, _ := os.Hostname()
 	fmt.Fprintf(&b, "\n### make bench — %s, %s, %d CPUs (%s)\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"), host, runtime.NumCPU(), runtime.GOARCH)
-	fmt.Fprintf(&b, "Backlog %d messages of 200 B over %d channels; prefetch %d; relay: %d lanes, pipeline 16, Nchan dialect.\n\n",
-		r.o.backlog, r.o.channels, r.o.prefetch, r.o.lanes)
+	fmt.Fprintf(&b, "Backlog %d messages of 200 B over %d channels; prefetch %d; relay: %d lanes, pipeline %d, Nchan dialect; Nginx: %d workers.\n\n",
+		r.o.backlog, r.o.channels, r.o.prefetch, r.o.lanes, r.o.pipeline, r.o.workers)
 	fmt.Fprintf(&b, "| | msg/s | CPU µs/msg |\n|---|---:|---:|\n")
 	fmt.Fprintf(&b, "| (a) raw AMQP consumer (batch acks), the ceiling | %.0f | %.1f |\n", r.raw.rate(), us(r.raw.cpuPerMsg()))
 	fmt.Fprintf(&b, "| (b) pushrelay → Nginx + Nchan | %.0f | %.1f |\n\n", r.relay.rate(), us(r.relay.cpuPerMsg()))

@@ -5,35 +5,25 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/pushrelay/pushrelay/integration/stack"
 	"github.com/pushrelay/pushrelay/sidecar/shard"
 )
 
 const amqpURL = "amqp://guest:guest@127.0.0.1:5672/"
-
-// repoRoot is the checkout this test file lives in.
-func repoRoot() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Dir(filepath.Dir(file))
-}
 
 var relayBin string // set by TestMain; read-only afterwards
 
@@ -47,7 +37,7 @@ func TestMain(m *testing.M) {
 		}
 		relayBin = filepath.Join(dir, "pushrelay")
 		build := exec.Command("go", "build", "-o", relayBin, "./sidecar/cmd/pushrelay")
-		build.Dir = repoRoot()
+		build.Dir = stack.RepoRoot()
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			fmt.Fprintln(os.Stderr, "build pushrelay:", err)
@@ -56,17 +46,6 @@ func TestMain(m *testing.M) {
 		defer os.RemoveAll(dir)
 	}
 	os.Exit(m.Run())
-}
-
-// freePort returns a loopback TCP port nobody listens on right now.
-func freePort(t testing.TB) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 func waitFor(t testing.TB, what string, timeout time.Duration, ok func() bool) {
@@ -80,180 +59,61 @@ func waitFor(t testing.TB, what string, timeout time.Duration, ok func() bool) {
 	}
 }
 
-// ---------------------------------------------------------------- Nginx
+// The processes come from integration/stack, as for the demo and the
+// benchmarks; these wrappers only turn their errors into test failures
+// and stop them at the end of the test.
 
 // Nginx is a Debian nginx + Nchan instance on a loopback port, serving the
 // project's nginx/pushrelay-nchan.conf.
 type Nginx struct {
-	t      testing.TB
-	Port   int
-	prefix string
-	cmd    *exec.Cmd
-	exited chan struct{}
+	*stack.Nginx
+	t    testing.TB
+	Port int
 }
-
-const nchanModule = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 
 func startNginx(t testing.TB) *Nginx {
 	t.Helper()
-	if _, err := os.Stat(nchanModule); err != nil {
-		t.Fatalf("Nchan module missing (%v): run `make deps` (apt-get install libnginx-mod-nchan)", err)
-	}
-	n := &Nginx{t: t, Port: freePort(t), prefix: t.TempDir()}
-	conf := fmt.Sprintf(`load_module %s;
-daemon off;
-master_process on;
-worker_processes 2;
-worker_rlimit_nofile 20000;
-pid %[2]s/nginx.pid;
-error_log %[2]s/error.log notice;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path %[2]s/body;
-    server {
-        listen 127.0.0.1:%[3]d;
-        include %[4]s;
-    }
-}
-`, nchanModule, n.prefix, n.Port, filepath.Join(repoRoot(), "nginx", "pushrelay-nchan.conf"))
-	if err := os.WriteFile(filepath.Join(n.prefix, "nginx.conf"), []byte(conf), 0o644); err != nil {
+	n, err := stack.StartNginx(stack.NginxOptions{Dir: t.TempDir()})
+	if err != nil {
 		t.Fatal(err)
 	}
-	n.Start()
 	t.Cleanup(n.Stop)
-	return n
+	_, port, _ := net.SplitHostPort(n.Addr)
+	p, _ := strconv.Atoi(port)
+	return &Nginx{Nginx: n, t: t, Port: p}
 }
 
-// Start runs nginx and waits until it answers.
+// Start restarts a stopped instance on the same port.
 func (n *Nginx) Start() {
 	n.t.Helper()
-	n.cmd = exec.Command("nginx", "-p", n.prefix, "-c", filepath.Join(n.prefix, "nginx.conf"))
-	n.cmd.Stderr = os.Stderr
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := n.cmd.Start(); err != nil {
-		n.t.Fatalf("start nginx: %v", err)
+	if err := n.Nginx.Start(); err != nil {
+		n.t.Fatal(err)
 	}
-	exited := make(chan struct{})
-	n.exited = exited
-	go func(cmd *exec.Cmd) { cmd.Wait(); close(exited) }(n.cmd)
-	waitFor(n.t, "nginx to answer", 10*time.Second, func() bool {
-		resp, err := http.Get(n.URL("/channels-stats"))
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
 }
 
-// Stop shuts nginx down fast (SIGTERM) and waits for every process of it.
-func (n *Nginx) Stop() {
-	if n.cmd == nil {
-		return
-	}
-	n.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-n.exited:
-	case <-time.After(10 * time.Second):
-		syscall.Kill(-n.cmd.Process.Pid, syscall.SIGKILL)
-		<-n.exited
-	}
-	n.cmd = nil
-}
-
-func (n *Nginx) URL(path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", n.Port, path) }
-
-// PublishURL is the relay's [push] url for this instance.
-func (n *Nginx) PublishURL() string { return n.URL("/pub?id={channel}") }
-
-// ---------------------------------------------------------------- relay
+// RelayOptions are the config values tests vary; the broker is always the
+// local one.
+type RelayOptions = stack.RelayConfig
 
 // RelayProc is the pushrelay binary running with a generated config.
 type RelayProc struct {
-	t           testing.TB
-	Config      string // path of the TOML file
-	MetricsAddr string
-	cmd         *exec.Cmd
-	exited      chan struct{}
-	log         *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// RelayOptions are the config values tests vary.
-type RelayOptions struct {
-	Host     string
-	Exchange string
-	Publish  string // [push] url
-	MaxBody  int
-	Extra    string // more TOML, appended as is
-	Queue    string // [amqp] queue; empty: the relay's default, pushrelay.<host>
-}
-
-func relayConfig(o RelayOptions, metricsAddr string) string {
-	maxBody := o.MaxBody
-	if maxBody == 0 {
-		maxBody = 32768
-	}
-	queue := ""
-	if o.Queue != "" {
-		queue = fmt.Sprintf("queue = %q\n", o.Queue)
-	}
-	return fmt.Sprintf(`host = %q
-shutdown_timeout = "10s"
-[amqp]
-url = %q
-exchange = %q
-%sprefetch = 1024
-[push]
-dialect = "nchan"
-url = %q
-connections = 4
-timeout = "2s"
-retry_max = "500ms"
-max_body = %d
-[metrics]
-listen = %q
-[log]
-level = "info"
-format = "text"
-[probes]
-enabled = false
-%s`, o.Host, amqpURL, o.Exchange, queue, o.Publish, maxBody, metricsAddr, o.Extra)
+	*stack.Relay
+	t testing.TB
 }
 
 func startRelay(t testing.TB, o RelayOptions) *RelayProc {
 	t.Helper()
-	r := &RelayProc{
-		t:           t,
-		Config:      filepath.Join(t.TempDir(), "pushrelay.toml"),
-		MetricsAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		log:         &lockedBuffer{},
-	}
-	if err := os.WriteFile(r.Config, []byte(relayConfig(o, r.MetricsAddr)), 0o644); err != nil {
+	o.AMQPURL = amqpURL
+	sr, err := stack.NewRelay(relayBin, t.TempDir(), o)
+	if err != nil {
 		t.Fatal(err)
 	}
+	r := &RelayProc{Relay: sr, t: t}
 	r.Start()
 	t.Cleanup(func() {
 		r.Stop()
 		if t.Failed() {
-			t.Logf("relay %s log:\n%s", o.Host, r.log.String())
+			t.Logf("relay %s log:\n%s", o.Host, r.Log())
 		}
 	})
 	return r
@@ -263,7 +123,8 @@ func startRelay(t testing.TB, o RelayOptions) *RelayProc {
 // metrics address stays the one the running process listens on.
 func (r *RelayProc) WriteConfig(o RelayOptions) {
 	r.t.Helper()
-	if err := os.WriteFile(r.Config, []byte(relayConfig(o, r.MetricsAddr)), 0o644); err != nil {
+	o.AMQPURL = amqpURL
+	if err := r.Relay.WriteConfig(o); err != nil {
 		r.t.Fatal(err)
 	}
 }
@@ -272,72 +133,31 @@ func (r *RelayProc) WriteConfig(o RelayOptions) {
 // Nginx answers.
 func (r *RelayProc) Start() {
 	r.t.Helper()
-	r.cmd = exec.Command(relayBin, "run", "-config", r.Config)
-	r.cmd.Stdout, r.cmd.Stderr = r.log, r.log
-	if err := r.cmd.Start(); err != nil {
-		r.t.Fatalf("start relay: %v", err)
+	if err := r.Relay.Start(); err != nil {
+		r.t.Fatal(err)
 	}
-	exited := make(chan struct{})
-	r.exited = exited
-	go func(cmd *exec.Cmd) { cmd.Wait(); close(exited) }(r.cmd)
-	waitFor(r.t, "relay /readyz", 20*time.Second, func() bool {
-		select {
-		case <-exited:
-			r.t.Fatalf("relay exited at start:\n%s", r.log.String())
-		default:
-		}
-		resp, err := http.Get("http://" + r.MetricsAddr + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
 }
 
 // Stop sends SIGTERM and waits for the graceful stop.
-func (r *RelayProc) Stop() { r.signalAndWait(syscall.SIGTERM) }
+func (r *RelayProc) Stop() {
+	if err := r.Relay.Stop(); err != nil {
+		r.t.Error(err)
+	}
+}
 
 // Kill sends SIGKILL: no ack of what is in flight, no cleanup.
-func (r *RelayProc) Kill() { r.signalAndWait(syscall.SIGKILL) }
-
-func (r *RelayProc) signalAndWait(sig syscall.Signal) {
-	if r.cmd == nil {
-		return
+func (r *RelayProc) Kill() {
+	if err := r.Relay.Kill(); err != nil {
+		r.t.Error(err)
 	}
-	r.cmd.Process.Signal(sig)
-	select {
-	case <-r.exited:
-	case <-time.After(20 * time.Second):
-		r.cmd.Process.Kill()
-		<-r.exited
-		r.t.Errorf("relay did not stop within 20s of %v", sig)
-	}
-	r.cmd = nil
 }
 
 // Reload sends SIGHUP, as `systemctl reload pushrelay` does.
-func (r *RelayProc) Reload() { r.cmd.Process.Signal(syscall.SIGHUP) }
-
-// Metric returns the value of one sample of /metrics, or -1 if absent.
-func (r *RelayProc) Metric(sample string) float64 {
-	resp, err := http.Get("http://" + r.MetricsAddr + "/metrics")
-	if err != nil {
-		return -1
+func (r *RelayProc) Reload() {
+	if err := r.Relay.Reload(); err != nil {
+		r.t.Error(err)
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, sample+" "); ok {
-			f, _ := strconv.ParseFloat(v, 64)
-			return f
-		}
-	}
-	return -1
 }
-
-// Log is what the relay wrote so far.
-func (r *RelayProc) Log() string { return r.log.String() }
 
 // ---------------------------------------------------------------- RabbitMQ
 

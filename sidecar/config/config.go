@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"regexp"
 	"strings"
 	"time"
 
@@ -173,9 +174,66 @@ func Parse(data []byte) (Config, error) {
 		return Config{}, describeDecodeError(err)
 	}
 	if err := cfg.Validate(); err != nil {
-		return Config{}, err
+		return Config{}, withLines(err, keyLines(data))
 	}
 	return cfg, nil
+}
+
+var keyOfError = regexp.MustCompile(`^key "([^"]+)"`)
+
+// withLines prefixes each of Validate's errors with the line of the key it
+// names, so `pushrelay check-config` points at the line to fix.
+func withLines(err error, lines map[string]int) error {
+	j, ok := err.(interface{ Unwrap() []error })
+	if !ok {
+		return err
+	}
+	var out []error
+	for _, e := range j.Unwrap() {
+		if _, joined := e.(interface{ Unwrap() []error }); joined {
+			out = append(out, withLines(e, lines)) // the shard map's list
+			continue
+		}
+		if m := keyOfError.FindStringSubmatch(e.Error()); m != nil {
+			if n, ok := lines[m[1]]; ok {
+				e = fmt.Errorf("line %d: %w", n, e)
+			}
+		}
+		out = append(out, e)
+	}
+	return errors.Join(out...)
+}
+
+var (
+	tableLine = regexp.MustCompile(`^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$`)
+	keyLine   = regexp.MustCompile(`^\s*("[^"]+"|[A-Za-z0-9_-]+)\s*=`)
+)
+
+// keyLines maps "table.key" to the line that sets it. It reads the simple
+// TOML this config is written in (tables and key = value lines); decoding
+// has already succeeded, so nothing here needs to be strict.
+func keyLines(data []byte) map[string]int {
+	lines := map[string]int{}
+	table := ""
+	for i, line := range strings.Split(string(data), "\n") {
+		if m := tableLine.FindStringSubmatch(line); m != nil {
+			table = m[1]
+			if _, ok := lines[table]; !ok {
+				lines[table] = i + 1
+			}
+			continue
+		}
+		if m := keyLine.FindStringSubmatch(line); m != nil {
+			key := strings.Trim(m[1], `"`)
+			if table != "" {
+				key = table + "." + key
+			}
+			if _, ok := lines[key]; !ok {
+				lines[key] = i + 1
+			}
+		}
+	}
+	return lines
 }
 
 // describeDecodeError turns go-toml's errors into one line per problem that

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -56,9 +57,10 @@ level = "loud"
 	if err == nil {
 		t.Fatal("invalid config accepted")
 	}
-	for _, key := range []string{"amqp.prefetch", "amqp.queue_type", "push.dialect", "push.url", "push.connections", "log.level"} {
-		if !strings.Contains(err.Error(), `"`+key+`"`) {
-			t.Errorf("error does not name %s:\n%v", key, err)
+	for key, line := range map[string]int{"amqp.prefetch": 3, "amqp.queue_type": 4, "push.dialect": 6,
+		"push.url": 7, "push.connections": 8, "log.level": 10} {
+		if want := fmt.Sprintf("line %d: key %q", line, key); !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not say %s:\n%v", want, err)
 		}
 	}
 }

@@ -39,6 +39,7 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 		// off by default because the listener may face the network.
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
 }

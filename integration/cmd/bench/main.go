@@ -14,6 +14,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -39,7 +40,9 @@ type options struct {
 	lanes    int
 	pipeline int
 	workers  int
-	out      string
+	// publisher replaces Nginx in the drain, to see what bounds it.
+	publisher string
+	out       string
 }
 
 func main() {
@@ -58,6 +61,7 @@ func main() {
 	flag.IntVar(&o.lanes, "connections", 8, "the relay's publisher connections (lanes); 8 as shipped")
 	flag.IntVar(&o.pipeline, "pipeline", 16, "the relay's requests in flight per connection")
 	flag.IntVar(&o.workers, "nginx-workers", 2, "Nginx worker processes")
+	flag.StringVar(&o.publisher, "publisher", "", "diagnostic: drain into this publish URL instead of the bench's Nginx")
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
 	flag.Parse()
 	for _, r := range strings.Split(rates, ",") {
@@ -130,7 +134,7 @@ func run(ctx context.Context, o options) error {
 	// (b) the relay. A first start declares its queue and bindings; it is
 	// stopped while the backlog is published and started again to drain.
 	relay, err := stack.NewRelay(o.bin, dir, stack.RelayConfig{
-		Host: host, AMQPURL: o.amqpURL, Exchange: exchange, Publish: ngx.PublishURL(),
+		Host: host, AMQPURL: o.amqpURL, Exchange: exchange, Publish: cmp.Or(o.publisher, ngx.PublishURL()),
 		Prefetch: o.prefetch, Connections: o.lanes, Pipeline: o.pipeline,
 	})
 	if err != nil {

@@ -58,6 +58,8 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 	}
 	reg.Gauge("pushrelay_messages_in_flight", "Messages handed to the publisher and not yet settled.",
 		func() float64 { return float64(r.inFlight.Load()) })
+	reg.Gauge("pushrelay_messages_unacked", "Deliveries of the current AMQP session not yet acked or rejected (at most amqp.prefetch), as of the last ack.",
+		func() float64 { return float64(r.unacked.Load()) })
 	reg.Gauge("pushrelay_amqp_connected", "1 while an AMQP session is consuming.",
 		func() float64 { return b2f(r.consuming.Load()) })
 	reg.Gauge("pushrelay_publisher_reachable", "1 while every publisher lane's last attempt got an HTTP answer.",

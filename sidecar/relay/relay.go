@@ -63,6 +63,7 @@ type Relay struct {
 
 	// Read by /metrics and /readyz.
 	inFlight       atomic.Int64
+	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
 	consuming      atomic.Bool
 	shardsOwned    atomic.Int64
 	shardsDraining atomic.Int64
@@ -414,6 +415,7 @@ func (r *Relay) flushAcks(s *session) error {
 			return fmt.Errorf("ack: %w", err)
 		}
 	}
+	r.unacked.Store(int64(s.tracker.Outstanding()))
 	return nil
 }
 

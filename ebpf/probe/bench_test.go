@@ -24,7 +24,7 @@ func BenchmarkProgramsPerEvent(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root: loads eBPF and makes a cgroup")
 	}
-	root, err := cgroup2Mount()
+	root, err := Cgroup2Mount()
 	if err != nil {
 		b.Skipf("no cgroup v2 mount: %v", err)
 	}

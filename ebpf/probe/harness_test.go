@@ -101,7 +101,7 @@ func setupChildNamespaces(t *testing.T) {
 // processes in it are gone.
 func newCgroup(t *testing.T) (dir string, fd int) {
 	t.Helper()
-	root, err := cgroup2Mount()
+	root, err := Cgroup2Mount()
 	if err != nil {
 		t.Skipf("no cgroup v2 mount: %v", err)
 	}
@@ -127,25 +127,6 @@ func newCgroup(t *testing.T) (dir string, fd int) {
 		}
 	})
 	return dir, fd
-}
-
-func cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// "36 25 0:31 / /sys/fs/cgroup/unified rw,... - cgroup2 cgroup2 rw"
-		fields := strings.Fields(sc.Text())
-		for i, fld := range fields {
-			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
-				return fields[4], nil
-			}
-		}
-	}
-	return "", fmt.Errorf("not in /proc/self/mountinfo")
 }
 
 // startProbes starts the probes with a short interval and closes them at

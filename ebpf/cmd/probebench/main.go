@@ -231,22 +231,12 @@ func pinAllThreads(cpu int) {
 }
 
 func makeCgroup() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	root, err := probe.Cgroup2Mount()
 	if err != nil {
 		return "", err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		for i, fld := range fields {
-			if fld == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" {
-				dir := filepath.Join(fields[4], fmt.Sprintf("pushrelay-probebench-%d", os.Getpid()))
-				return dir, os.Mkdir(dir, 0o755)
-			}
-		}
-	}
-	return "", fmt.Errorf("no cgroup v2 mount")
+	dir := filepath.Join(root, fmt.Sprintf("pushrelay-probebench-%d", os.Getpid()))
+	return dir, os.Mkdir(dir, 0o755)
 }
 
 type nginx struct {

@@ -39,6 +39,8 @@ const (
 	amqpTimeout = 10 * time.Second
 	// reconnectMax caps the AMQP reconnect backoff.
 	reconnectMax = 30 * time.Second
+	// minHealthySession: a session lost sooner counts as a failed connect.
+	minHealthySession = 5 * time.Second
 )
 
 // errReconnect asks Run for a new AMQP session right away, after a reload
@@ -173,11 +175,11 @@ func (r *Relay) Run(ctx context.Context) error {
 			}
 			continue
 		}
-		failures = 0
 		if r.gen > 1 {
 			r.m.reconnects.Inc()
 		}
 		r.log.Info("consuming", "queue", r.cfg.AMQP.Queue, "shards", len(r.bound), "gen", r.gen)
+		began := time.Now()
 		err = r.serve(ctx, sess)
 		r.consuming.Store(false)
 		sess.Close()
@@ -186,8 +188,19 @@ func (r *Relay) Run(ctx context.Context) error {
 			return nil
 		case errors.Is(err, errReconnect):
 			r.log.Info("reconnecting to apply the new config")
-		default:
-			r.log.Warn("AMQP session lost", "err", err)
+			continue
+		}
+		r.log.Warn("AMQP session lost", "err", err)
+		if time.Since(began) >= minHealthySession {
+			failures = 0
+			continue
+		}
+		// A session the broker ends at once (a queue deleted under us, a
+		// bad binding) must not become a tight reconnect loop: it backs
+		// off like a failed connect, growing until a session lasts.
+		failures++
+		if !r.waitApplyingReloads(ctx, jittered(failures, reconnectMax)) {
+			return nil
 		}
 	}
 }
@@ -427,7 +440,15 @@ func (r *Relay) waitApplyingReloads(ctx context.Context, d time.Duration) bool {
 	for {
 		select {
 		case next := <-r.reloads:
-			if _, err := r.apply(nil, next); err != nil {
+			action, err := r.apply(nil, next)
+			if err == nil && action != nil {
+				// Nothing in flight can still be acked: its session is gone
+				// and the broker will deliver it again. So rebuild now.
+				if err = action(); errors.Is(err, errReconnect) {
+					err = nil // about to connect anyway
+				}
+			}
+			if err != nil {
 				r.log.Warn("applying config while disconnected", "err", err)
 			}
 		case <-t.C:

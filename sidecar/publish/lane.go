@@ -234,7 +234,10 @@ func (l *lane) buildRequest(j *Job) {
 	if m.ContentType != "" {
 		h.SetContentType(m.ContentType)
 	} else {
-		h.SetContentType("application/octet-stream")
+		// Nchan stores the type with the message and passes it on: an
+		// octet-stream message reaches WebSocket clients as a binary frame,
+		// and fasthttp's own default would be a form encoding.
+		h.SetContentType("text/plain")
 	}
 	l.req.SetBodyRaw(m.Body)
 }

@@ -104,9 +104,6 @@ func (p *Pool) Submit(j Job) {
 // Reachable reports whether every lane's last attempt got an HTTP answer.
 func (p *Pool) Reachable() bool { return p.healthy.Load() == int64(len(p.lanes)) }
 
-// Options returns the options the pool runs with.
-func (p *Pool) Options() Options { return p.opts }
-
 // Stop ends every lane and closes its connection. Jobs not yet settled are
 // dropped: the caller must not ack them.
 func (p *Pool) Stop() {

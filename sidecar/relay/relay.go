@@ -116,9 +116,6 @@ func ownedShards(cfg config.Config) ([]int, error) {
 	return m.Owned(cfg.Host), nil
 }
 
-// Ready reports whether the relay is consuming and Nginx answers.
-func (r *Relay) Ready() bool { return r.consuming.Load() && r.publisherReachable() }
-
 func (r *Relay) publisherReachable() bool {
 	p := r.pool.Load()
 	return p != nil && p.Reachable()

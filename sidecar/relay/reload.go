@@ -16,7 +16,7 @@ import (
 func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce func() error, err error) {
 	prev := r.cfg
 	r.cfg = next
-	r.level.Set(parseLevel(next.Log.Level))
+	r.level.Set(ParseLevel(next.Log.Level))
 
 	owned, err := ownedShards(next)
 	if err != nil { // Validate already built this map; this cannot fail
@@ -108,13 +108,11 @@ func (r *Relay) expireDrains(sess *consume.Session) error {
 	return nil
 }
 
-func parseLevel(s string) slog.Level {
+// ParseLevel maps the config's log.level to a slog level.
+func ParseLevel(s string) slog.Level {
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(s)); err != nil {
 		return slog.LevelInfo
 	}
 	return l
 }
-
-// ParseLevel maps the config's log.level to a slog level.
-func ParseLevel(s string) slog.Level { return parseLevel(s) }

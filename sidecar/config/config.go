@@ -17,6 +17,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/pushrelay/pushrelay/sidecar/publish"
 	"github.com/pushrelay/pushrelay/sidecar/shard"
 )
 
@@ -341,20 +342,8 @@ func (c *Config) Validate() error {
 }
 
 func checkPublishURL(raw string) error {
-	if !strings.Contains(raw, "{channel}") {
-		return errors.New("must contain {channel}")
-	}
-	u, err := url.Parse(strings.Replace(raw, "{channel}", "x", 1))
-	if err != nil {
-		return fmt.Errorf("parse: %w", err)
-	}
-	if u.Scheme != "http" {
-		return fmt.Errorf("scheme must be http (the publisher is on loopback), got %q", u.Scheme)
-	}
-	if u.Host == "" {
-		return errors.New("missing host")
-	}
-	return nil
+	_, err := publish.ParseTarget(publish.PushStream, raw)
+	return err
 }
 
 // AMQPURL resolves the broker URL: amqp.url, else the file in amqp.url_file,

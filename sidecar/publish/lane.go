@@ -243,7 +243,7 @@ func (l *lane) buildRequest(j *Job) {
 }
 
 func (l *lane) dial() error {
-	c, err := net.DialTimeout("tcp", l.pool.opts.Target.Addr, l.pool.opts.Timeout)
+	c, err := net.DialTimeout(l.pool.opts.Target.Network, l.pool.opts.Target.Addr, l.pool.opts.Timeout)
 	if err != nil {
 		return fmt.Errorf("connect publisher: %w", err)
 	}

@@ -61,39 +61,64 @@ func (d Dialect) typeHeader() string {
 }
 
 // Target is a parsed publish URL template such as
-// http://127.0.0.1:80/pub?id={channel}.
+// http://127.0.0.1:8080/pub?id={channel}, or, for a publisher listening on a
+// Unix socket, nginx's own spelling http://unix:/run/x.sock:/pub?id={channel}.
 type Target struct {
 	Dialect Dialect
-	Addr    string // host:port to dial
+	Network string // "tcp" or "unix"
+	Addr    string // host:port, or the socket's path
 	host    string // Host header
 	prefix  string // request URI before the channel id
 	suffix  string // request URI after it
 }
 
-// ParseTarget parses the [push] url template for dialect.
+// unixPrefix starts a Unix-socket URL, as in nginx's proxy_pass.
+const unixPrefix = "http://unix:"
+
+// ParseTarget parses the [push] url template for dialect. config.Validate
+// calls it too, so check-config refuses exactly what the publisher cannot use.
 func ParseTarget(d Dialect, template string) (Target, error) {
 	prefix, suffix, ok := strings.Cut(template, "{channel}")
 	if !ok {
 		return Target{}, fmt.Errorf("publish URL %q has no {channel}", template)
 	}
-	u, err := url.Parse(prefix)
-	if err != nil {
-		return Target{}, fmt.Errorf("publish URL %q: %w", template, err)
+	if strings.Contains(suffix, "{channel}") {
+		return Target{}, fmt.Errorf("publish URL %q has {channel} twice", template)
 	}
-	if u.Scheme != "http" || u.Host == "" {
-		return Target{}, fmt.Errorf("publish URL %q: want http://host:port/...", template)
+	t := Target{Dialect: d, suffix: suffix}
+	var uri string
+	if rest, ok := strings.CutPrefix(prefix, unixPrefix); ok {
+		path, u, ok := strings.Cut(rest, ":")
+		if !ok || !strings.HasPrefix(path, "/") {
+			return Target{}, fmt.Errorf("publish URL %q: want http://unix:/path/to.sock:/uri", template)
+		}
+		t.Network, t.Addr, t.host, uri = "unix", path, "localhost", u
+	} else {
+		u, err := url.Parse(prefix)
+		if err != nil {
+			return Target{}, fmt.Errorf("publish URL %q: %w", template, err)
+		}
+		// Compared byte for byte below: "HTTP://" or userinfo would parse
+		// here and then be cut wrongly from the request URI.
+		if u.Scheme != "http" || u.Host == "" || u.User != nil || !strings.HasPrefix(prefix, "http://"+u.Host) {
+			return Target{}, fmt.Errorf("publish URL %q: want http://host:port/path (lower-case scheme, no user)", template)
+		}
+		t.Network, t.Addr, t.host = "tcp", u.Host, u.Host
+		if u.Port() == "" {
+			t.Addr += ":80"
+		}
+		// The request URI is the template's text after scheme and host,
+		// kept byte for byte: re-encoding it could change what Nginx sees.
+		uri = strings.TrimPrefix(prefix, "http://"+u.Host)
 	}
-	addr := u.Host
-	if u.Port() == "" {
-		addr += ":80"
-	}
-	// The request URI is the template's text after scheme and host, kept
-	// byte for byte: re-encoding it could change what Nginx sees.
-	uri := strings.TrimPrefix(prefix, u.Scheme+"://"+u.Host)
 	if uri == "" || uri[0] != '/' {
 		return Target{}, fmt.Errorf("publish URL %q: the path must start with /", template)
 	}
-	return Target{Dialect: d, Addr: addr, host: u.Host, prefix: uri, suffix: suffix}, nil
+	if strings.ContainsAny(uri+suffix, " \t\r\n#") {
+		return Target{}, fmt.Errorf("publish URL %q: spaces, control characters and # cannot go in a request line", template)
+	}
+	t.prefix = uri
+	return t, nil
 }
 
 // AppendURI appends the request URI for channel to dst.

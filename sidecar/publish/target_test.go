@@ -19,6 +19,8 @@ func TestParseTargetAndURI(t *testing.T) {
 		{PushStream, "http://127.0.0.1:80/pub?id={channel}", "sp ace/é", "127.0.0.1:80", "/pub?id=sp%20ace%2F%C3%A9"},
 		// Nchan does not decode: encoding would create another channel.
 		{Nchan, "http://127.0.0.1:80/pub?id={channel}", "sp%20ace", "127.0.0.1:80", "/pub?id=sp%20ace"},
+		// nginx's proxy_pass spelling for a Unix socket.
+		{Nchan, "http://unix:/run/pushrelay/publish.sock:/pub?id={channel}", "c", "/run/pushrelay/publish.sock", "/pub?id=c"},
 	}
 	for _, c := range cases {
 		tg, err := ParseTarget(c.dialect, c.template)
@@ -32,7 +34,11 @@ func TestParseTargetAndURI(t *testing.T) {
 			t.Errorf("%s %s(%q): uri %q, want %q", c.template, c.dialect, c.channel, got, c.uri)
 		}
 	}
-	for _, bad := range []string{"http://127.0.0.1/pub", "https://127.0.0.1/pub?id={channel}", "/pub?id={channel}"} {
+	// Each of these once passed check-config and then failed the publisher.
+	for _, bad := range []string{"http://127.0.0.1/pub", "https://127.0.0.1/pub?id={channel}", "/pub?id={channel}",
+		"http://h:8080?id={channel}", "HTTP://127.0.0.1/pub?id={channel}", "http://u:p@127.0.0.1/pub?id={channel}",
+		"http://unix:relative.sock:/pub?id={channel}", "http://unix:/run/x.sock?id={channel}",
+		"http://127.0.0.1/pub?id={channel}&again={channel}", "http://127.0.0.1/p b?id={channel}"} {
 		if _, err := ParseTarget(PushStream, bad); err == nil {
 			t.Errorf("ParseTarget(%q) accepted", bad)
 		}

@@ -71,9 +71,36 @@ type Nginx struct {
 	Port int
 }
 
-func startNginx(t testing.TB) *Nginx {
+// modules are the publisher modules every integration test runs against.
+var modules = []stack.Module{stack.Nchan, stack.PushStream}
+
+// eachModule runs f as one subtest per module, named after it. A module
+// that cannot run here is skipped with one line saying why.
+func eachModule(t *testing.T, f func(t *testing.T, m stack.Module)) {
+	for _, m := range modules {
+		t.Run(string(m), func(t *testing.T) {
+			if why := moduleUnavailable(m); why != "" {
+				t.Skip(why)
+			}
+			f(t, m)
+		})
+	}
+}
+
+// moduleUnavailable says why module m cannot run here, or "".
+func moduleUnavailable(m stack.Module) string {
+	if m == stack.PushStream {
+		return "push stream: not wired into integration/stack yet"
+	}
+	return ""
+}
+
+func startNginx(t testing.TB) *Nginx { return startNginxModule(t, stack.Nchan) }
+
+// startNginxModule starts an instance of module m, stopped at cleanup.
+func startNginxModule(t testing.TB, m stack.Module) *Nginx {
 	t.Helper()
-	n, err := stack.StartNginx(stack.NginxOptions{Dir: t.TempDir()})
+	n, err := stack.StartNginx(stack.NginxOptions{Dir: t.TempDir(), Module: m})
 	if err != nil {
 		t.Fatal(err)
 	}

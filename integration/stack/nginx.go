@@ -32,8 +32,23 @@ func RepoRoot() string {
 // NchanSnippet is the project's Nchan server-block snippet.
 func NchanSnippet() string { return filepath.Join(RepoRoot(), "nginx", "pushrelay-nchan.conf") }
 
+// Module is the publish/subscribe module an Nginx instance runs.
+type Module string
+
+const (
+	// Nchan is Debian's libnginx-mod-nchan on Debian's nginx.
+	Nchan Module = "nchan"
+	// PushStream is nginx-push-stream-module, built from ../shared/vendor
+	// by `make pushstream` (Debian does not ship it).
+	PushStream Module = "pushstream"
+)
+
+// Dialect is the relay's [push] dialect for the module.
+func (m Module) Dialect() string { return string(m) }
+
 // NginxOptions shape the generated nginx.conf.
 type NginxOptions struct {
+	Module  Module   // default Nchan
 	Dir     string   // prefix directory (created by the caller; holds conf, pid, logs)
 	Listen  string   // address:port; default 127.0.0.1 and a free port
 	Workers int      // worker_processes; default 2

@@ -46,3 +46,4 @@ clean:
 # Targets owned by other parts of the tree.
 -include ebpf/probes.mk
 -include packaging/deb.mk
+-include integration/pushstream.mk

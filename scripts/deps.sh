@@ -14,6 +14,13 @@ command -v setpriv >/dev/null || need+=(util-linux)     # the no-privileges prob
 command -v systemd-analyze >/dev/null || need+=(systemd) # unit verify and security score (packaging tests)
 command -v strace >/dev/null || need+=(strace)           # the unit's SystemCallFilter check
 command -v go-md2man >/dev/null || need+=(go-md2man)     # the man page
+# The Push Stream test build (integration/pushstream.mk), only where its
+# sources are: ../shared/vendor next to the checkout.
+if [ -d "$(dirname "$0")/../../shared/vendor" ]; then
+  dpkg -s build-essential >/dev/null 2>&1 || need+=(build-essential)
+  [ -e /usr/include/pcre.h ] || need+=(libpcre3-dev)
+  [ -e /usr/include/zlib.h ] || need+=(zlib1g-dev)
+fi
 for tool in ${PUSHRELAY_EXTRA_DEPS:-}; do need+=("$tool"); done
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -61,6 +61,8 @@ type Push struct {
 	Timeout     Duration `toml:"timeout"`
 	MaxBody     int      `toml:"max_body"`
 	RetryMax    Duration `toml:"retry_max"`
+	RetryBudget Duration `toml:"retry_budget"`
+	MaxAge      Duration `toml:"max_age"`
 	StatsURL    string   `toml:"stats_url"`
 }
 
@@ -141,6 +143,7 @@ func Default() Config {
 			Timeout:     Duration(2 * time.Second),
 			MaxBody:     32 * 1024,
 			RetryMax:    Duration(2 * time.Second),
+			RetryBudget: Duration(3 * time.Minute),
 		},
 		Shards:  Shards{Count: shard.DefaultCount, Drain: Duration(30 * time.Second)},
 		Metrics: Metrics{Listen: "127.0.0.1:9470"},
@@ -276,6 +279,14 @@ func (c *Config) Validate() error {
 	if c.AMQP.Exchange == "" {
 		bad("amqp.exchange", "must not be empty")
 	}
+	// AMQP names travel as short strings: a longer name would pass here and
+	// then fail every declare, in a reconnect loop, after the start.
+	if n := len(c.AMQP.Exchange); n > maxAMQPName {
+		bad("amqp.exchange", "must be at most %d bytes, got %d", maxAMQPName, n)
+	}
+	if n := len(c.AMQP.Queue); n > maxAMQPName {
+		bad("amqp.queue", "must be at most %d bytes (pushrelay.<host> when unset), got %d", maxAMQPName, n)
+	}
 	if c.AMQP.Prefetch < 1 || c.AMQP.Prefetch > 65535 {
 		bad("amqp.prefetch", "must be 1..65535, got %d", c.AMQP.Prefetch)
 	}
@@ -305,6 +316,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Push.RetryMax <= 0 {
 		bad("push.retry_max", "must be positive")
+	}
+	if c.Push.RetryBudget <= 0 {
+		bad("push.retry_budget", "must be positive")
+	}
+	if c.Push.MaxAge < 0 {
+		bad("push.max_age", "must not be negative (0 turns it off)")
 	}
 	if c.Push.MaxBody < 1 {
 		bad("push.max_body", "must be positive")
@@ -340,6 +357,10 @@ func (c *Config) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// maxAMQPName is the longest AMQP short string, the type of exchange and
+// queue names on the wire.
+const maxAMQPName = 255
 
 func checkPublishURL(raw string) error {
 	_, err := publish.ParseTarget(publish.PushStream, raw)

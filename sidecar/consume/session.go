@@ -41,16 +41,20 @@ type Options struct {
 	Consumer   string        // consumer tag
 }
 
-// Session is one AMQP connection: a consuming channel whose delivery tags
-// start at 1, and a control channel in confirm mode for declarations,
-// bindings and dead-letter copies.
+// Session is the relay's link to the broker: a consuming connection with a
+// consuming channel, whose delivery tags start at 1, and a control
+// channel for declarations and bindings; and a second connection for
+// dead-letter copies, so that a publisher-side block never stops acks.
 type Session struct {
 	opts       Options
 	conn       *amqp.Connection
 	consume    *amqp.Channel
 	ctl        *amqp.Channel
+	dead       *deadLetters
 	Deliveries <-chan amqp.Delivery
-	// Closed receives once when the connection or either channel closes.
+	// DeadLettered reports each dead-letter copy's fate, in no set order.
+	DeadLettered <-chan CopyResult
+	// Closed receives once when either connection or any channel closes.
 	Closed <-chan *amqp.Error
 }
 
@@ -58,6 +62,19 @@ type Session struct {
 // the shards that must be bound; every other shard of count is unbound, so
 // a relay that starts after a map change leaves no stale binding behind.
 func Open(ctx context.Context, o Options, count int, bound func(shard int) bool) (*Session, error) {
+	conn, err := dial(ctx, o, o.Consumer)
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{opts: o, conn: conn}
+	if err := s.setUp(ctx, count, bound); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func dial(ctx context.Context, o Options, name string) (*amqp.Connection, error) {
 	conn, err := amqp.DialConfig(o.URL, amqp.Config{
 		Heartbeat: o.Heartbeat,
 		Locale:    "en_US",
@@ -70,32 +87,24 @@ func Open(ctx context.Context, o Options, count int, bound func(shard int) bool)
 			// Bounds the AMQP handshake; amqp091-go clears it afterwards.
 			return c, c.SetDeadline(time.Now().Add(o.Timeout))
 		},
-		Properties: amqp.Table{"connection_name": o.Consumer},
+		Properties: amqp.Table{"connection_name": name},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	s := &Session{opts: o, conn: conn}
-	if err := s.setUp(ctx, count, bound); err != nil {
-		conn.Close()
-		return nil, err
-	}
-	return s, nil
+	return conn, nil
 }
 
 func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) error {
-	closed := make(chan *amqp.Error, 3)
+	closed := make(chan *amqp.Error, 6)
 	s.Closed = closed
 	s.conn.NotifyClose(forward(closed))
 
 	var err error
-	if s.ctl, err = s.channel(ctx); err != nil {
+	if s.ctl, err = openChannel(ctx, s.conn, s.opts.Timeout); err != nil {
 		return fmt.Errorf("open control channel: %w", err)
 	}
 	s.ctl.NotifyClose(forward(closed))
-	if err := s.ctl.Confirm(false); err != nil {
-		return fmt.Errorf("confirm mode: %w", err)
-	}
 	if err := s.declare(); err != nil {
 		return err
 	}
@@ -104,8 +113,12 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 			return err
 		}
 	}
+	if s.dead, err = openDeadLetters(ctx, s, closed); err != nil {
+		return err
+	}
+	s.DeadLettered = s.dead.results
 
-	if s.consume, err = s.channel(ctx); err != nil {
+	if s.consume, err = openChannel(ctx, s.conn, s.opts.Timeout); err != nil {
 		return fmt.Errorf("open consume channel: %w", err)
 	}
 	s.consume.NotifyClose(forward(closed))
@@ -138,26 +151,26 @@ func forward(closed chan *amqp.Error) chan *amqp.Error {
 	return c
 }
 
-// channel opens a channel, giving up after the timeout: amqp091-go's
+// openChannel opens a channel, giving up after timeout: amqp091-go's
 // Channel() blocks until the broker answers, which may be never.
-func (s *Session) channel(ctx context.Context) (*amqp.Channel, error) {
+func openChannel(ctx context.Context, conn *amqp.Connection, timeout time.Duration) (*amqp.Channel, error) {
 	type result struct {
 		ch  *amqp.Channel
 		err error
 	}
 	done := make(chan result, 1)
 	go func() {
-		ch, err := s.conn.Channel()
+		ch, err := conn.Channel()
 		done <- result{ch, err}
 	}()
 	select {
 	case r := <-done:
 		return r.ch, r.err
-	case <-time.After(s.opts.Timeout):
-		s.conn.Close() // unblocks the goroutine above
+	case <-time.After(timeout):
+		conn.Close() // unblocks the goroutine above
 		return nil, errors.New("channel open timed out")
 	case <-ctx.Done():
-		s.conn.Close()
+		conn.Close()
 		return nil, ctx.Err()
 	}
 }
@@ -209,8 +222,8 @@ func (s *Session) setBinding(shard int, bind bool) error {
 	return nil
 }
 
-// Ack acks every delivery up to tag.
-func (s *Session) Ack(upTo uint64) error { return s.consume.Ack(upTo, true) }
+// Ack acks tag, or with multiple every delivery up to tag.
+func (s *Session) Ack(tag uint64, multiple bool) error { return s.consume.Ack(tag, multiple) }
 
 // Reject drops one delivery; the queue's dead-letter exchange receives it.
 func (s *Session) Reject(tag uint64) error { return s.consume.Nack(tag, false, false) }
@@ -219,10 +232,11 @@ func (s *Session) Reject(tag uint64) error { return s.consume.Nack(tag, false, f
 // stay unacked until acked or the channel closes.
 func (s *Session) Cancel() error { return s.consume.Cancel(s.opts.Consumer, false) }
 
-// DeadLetter publishes a copy of a poison message to the dead-letter
-// exchange, with reason in its headers, and waits for the broker's
-// confirm. Only then may the original be acked.
-func (s *Session) DeadLetter(ctx context.Context, p amqp.Publishing, routingKey, reason string) error {
+// DeadLetter queues a copy of a poison message, with reason in its
+// headers, for the dead-letter exchange; its fate comes back on
+// DeadLettered. Only a confirmed copy lets the original be acked. It
+// reports false, having sent nothing, if the queue of copies is full.
+func (s *Session) DeadLetter(tag uint64, p amqp.Publishing, routingKey, reason string) bool {
 	headers := make(amqp.Table, len(p.Headers)+2)
 	for k, v := range p.Headers {
 		headers[k] = v
@@ -231,21 +245,23 @@ func (s *Session) DeadLetter(ctx context.Context, p amqp.Publishing, routingKey,
 	headers["x-pushrelay-queue"] = s.opts.Queue
 	p.Headers = headers
 	p.DeliveryMode = amqp.Persistent
-	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
-	defer cancel()
-	conf, err := s.ctl.PublishWithDeferredConfirmWithContext(ctx, DeadLetterExchange, routingKey, false, false, p)
-	if err != nil {
-		return fmt.Errorf("publish dead letter: %w", err)
+	select {
+	case s.dead.reqs <- copyReq{tag: tag, key: routingKey, p: p}:
+		return true
+	default:
+		return false
 	}
-	ok, err := conf.WaitContext(ctx)
-	if err != nil {
-		return fmt.Errorf("confirm dead letter: %w", err)
-	}
-	if !ok {
-		return errors.New("broker nacked the dead letter")
-	}
-	return nil
 }
 
-// Close closes the connection; the broker requeues every unacked delivery.
-func (s *Session) Close() error { return s.conn.Close() }
+// DeadLetterBlocked reports whether the broker has blocked the dead-letter
+// connection (a resource alarm): copies wait until it lifts.
+func (s *Session) DeadLetterBlocked() bool { return s.dead != nil && s.dead.blocked.Load() }
+
+// Close closes both connections; the broker requeues every unacked
+// delivery.
+func (s *Session) Close() error {
+	if s.dead != nil {
+		s.dead.close()
+	}
+	return s.conn.Close()
+}

@@ -41,6 +41,9 @@ type Message struct {
 	ContentType string
 	Body        []byte
 	PublishedAt int64 // Unix microseconds; 0 when the producer did not say
+	// Headers are the delivery's own, kept for a dead-letter copy, which
+	// must carry everything the producer sent.
+	Headers amqp.Table
 }
 
 // Parse validates d and returns its message, or the reason it is poison.
@@ -68,6 +71,7 @@ func Parse(d *amqp.Delivery, maxBody int) (Message, Reason) {
 		Type:        d.Type,
 		ContentType: d.ContentType,
 		Body:        d.Body,
+		Headers:     d.Headers,
 	}
 	switch v := d.Headers["published_at"].(type) {
 	case int64:

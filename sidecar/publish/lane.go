@@ -5,23 +5,33 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
 )
 
-// lane publishes its jobs in order over one pipelined keep-alive connection.
+// lane publishes the channels hashed to it over one pipelined keep-alive
+// connection.
 //
-// After any non-2xx answer the connection is closed and everything written
-// behind that request is sent again on a new one: Push Stream's early
-// rejections leave the request body unread, so the next request on the
-// connection is parsed from garbage and lost. Nginx answers pipelined
-// requests strictly in order and stops after a response that closes the
-// connection (413, 500), so re-sending the tail keeps per-channel order.
+// Each channel has a FIFO of its own inside the lane, and a batch carries
+// at most one request per channel. So a channel that Nginx keeps refusing
+// waits alone (its FIFO backs off) while the lane's other channels go on,
+// and a retryable answer on a connection that stays open can never reorder
+// a channel: nothing of the same channel was pipelined behind it.
+//
+// After an answer that closes the connection (413, 500) or one of Push
+// Stream's early rejections (they leave the request body unread, so the
+// next request on the connection is parsed from garbage), the requests
+// written behind it were not processed: they are sent again at once. Any
+// other answer on an open connection is trusted, so only unanswered
+// requests are ever resent.
 type lane struct {
 	id   int
 	pool *Pool
@@ -30,16 +40,44 @@ type lane struct {
 	m    Metrics
 	log  *slog.Logger
 
-	conn net.Conn
-	br   *bufio.Reader
-	bw   *bufio.Writer
-	req  fasthttp.Request
-	resp fasthttp.Response
-	uri  []byte
-	// reachable is what this lane last told pool.healthy.
-	reachable bool
+	conn   net.Conn
+	reused bool // conn has answered a request: a failure may be an idle close
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	req    fasthttp.Request
+	resp   fasthttp.Response
+	uri    []byte
+
+	queues  map[string]*chanQueue // channels with jobs
+	ready   []*chanQueue          // their heads may be sent now, oldest first
+	waiting []*chanQueue          // backing off after a failed answer
+	free    []*chanQueue          // empty FIFOs kept for reuse
+	batch   []*chanQueue
+
+	failures  int  // consecutive attempts with no HTTP answer
+	reachable bool // what this lane last told the pool's health
 	// done is the pool's stop signal: a lane never blocks on out after it.
 	done <-chan struct{}
+}
+
+// chanQueue is one channel's FIFO and its retry state.
+type chanQueue struct {
+	channel  string
+	jobs     []Job // jobs[head:] are pending, oldest first
+	head     int
+	attempts int       // failed answers in a row
+	since    time.Time // first failed answer of this run; zero when none
+	retryAt  time.Time
+}
+
+func (q *chanQueue) empty() bool { return q.head == len(q.jobs) }
+
+func (q *chanQueue) pop() {
+	q.jobs[q.head] = Job{} // do not pin the delivery's body
+	q.head++
+	if q.empty() {
+		q.jobs, q.head = q.jobs[:0], 0
+	}
 }
 
 func newLane(id int, p *Pool, out chan<- Settlement, m Metrics, log *slog.Logger) *lane {
@@ -51,6 +89,7 @@ func newLane(id int, p *Pool, out chan<- Settlement, m Metrics, log *slog.Logger
 		m:         m,
 		log:       log.With("lane", id),
 		uri:       make([]byte, 0, 256),
+		queues:    map[string]*chanQueue{},
 		reachable: true,
 	}
 	l.req.Header.DisableNormalizing()
@@ -62,46 +101,30 @@ func newLane(id int, p *Pool, out chan<- Settlement, m Metrics, log *slog.Logger
 func (l *lane) run(ctx context.Context) {
 	defer l.closeConn()
 	l.done = ctx.Done()
-	depth := l.pool.opts.Pipeline
-	batch := make([]Job, 0, depth)
-	var failures int
+	var timer *time.Timer
 	for {
-		if len(batch) == 0 {
-			select {
-			case j := <-l.in:
-				batch = append(batch, j)
-			case <-ctx.Done():
-				return
-			}
+		if !l.take(ctx, &timer) {
+			return
 		}
-	fill:
-		for len(batch) < depth {
-			select {
-			case j := <-l.in:
-				batch = append(batch, j)
-			default:
-				break fill
-			}
-		}
-		batch = l.settleStale(batch)
-		if len(batch) == 0 {
+		l.promote(time.Now())
+		if !l.fillBatch() {
 			continue
 		}
-
-		done, err := l.send(batch)
-		batch = batch[:copy(batch, batch[done:])]
-		l.setReachable(err == nil || !isUnreachable(err))
+		err := l.sendBatch()
 		if err == nil {
-			failures = 0
+			l.failures = 0
+			l.setReachable(true)
 			continue
 		}
-		failures++
+		l.failures++
+		l.setReachable(false)
 		if l.m.Retries != nil {
 			l.m.Retries.Inc()
 		}
-		wait := backoff(failures, l.pool.opts.RetryMax)
-		if failures == 1 || failures%20 == 0 { // one line per outage, then a reminder
-			l.log.Warn("publish failed, retrying", "err", err, "attempt", failures, "backoff", wait, "pending", len(batch))
+		wait := backoff(l.failures, l.pool.opts.RetryMax)
+		if l.failures == 1 || l.failures%20 == 0 { // one line per outage, then a reminder
+			l.log.Warn("publisher unreachable, retrying", "err", err, "attempt", l.failures,
+				"backoff", wait, "channels_waiting", len(l.queues))
 		}
 		select {
 		case <-time.After(wait):
@@ -111,41 +134,169 @@ func (l *lane) run(ctx context.Context) {
 	}
 }
 
-// settleStale drops, in place, jobs of an AMQP channel that no longer exists.
-func (l *lane) settleStale(batch []Job) []Job {
-	gen := l.pool.gen.Load()
-	kept := batch[:0]
-	for _, j := range batch {
-		if j.Gen != gen {
-			l.emit(Settlement{Job: j, Outcome: Stale})
-			continue
+// take moves submitted jobs into their channels' FIFOs. It blocks only
+// when nothing can be sent: until a job arrives or a backoff ends.
+func (l *lane) take(ctx context.Context, timer **time.Timer) bool {
+	if len(l.ready) == 0 {
+		var wake <-chan time.Time
+		if len(l.waiting) > 0 {
+			d := time.Until(l.earliestRetry())
+			if *timer == nil {
+				*timer = time.NewTimer(d)
+			} else {
+				(*timer).Reset(d)
+			}
+			wake = (*timer).C
 		}
-		kept = append(kept, j)
+		select {
+		case j := <-l.in:
+			l.enqueue(j)
+		case <-wake:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+		if *timer != nil {
+			(*timer).Stop()
+		}
 	}
-	return kept
+	for {
+		select {
+		case j := <-l.in:
+			l.enqueue(j)
+		default:
+			return true
+		}
+	}
 }
 
-// errStatus is a retryable HTTP answer.
-type errStatus int
+func (l *lane) enqueue(j Job) {
+	q := l.queues[j.Msg.Channel]
+	if q == nil {
+		if n := len(l.free); n > 0 {
+			q, l.free = l.free[n-1], l.free[:n-1]
+		} else {
+			q = &chanQueue{}
+		}
+		q.channel = j.Msg.Channel
+		l.queues[q.channel] = q
+		l.ready = append(l.ready, q)
+	}
+	q.jobs = append(q.jobs, j)
+}
 
-func (e errStatus) Error() string { return "publisher answered " + strconv.Itoa(int(e)) }
+func (l *lane) release(q *chanQueue) {
+	delete(l.queues, q.channel)
+	*q = chanQueue{jobs: q.jobs[:0]}
+	l.free = append(l.free, q)
+}
+
+func (l *lane) earliestRetry() time.Time {
+	t := l.waiting[0].retryAt
+	for _, q := range l.waiting[1:] {
+		if q.retryAt.Before(t) {
+			t = q.retryAt
+		}
+	}
+	return t
+}
+
+// promote moves the channels whose backoff has ended to the ready list.
+func (l *lane) promote(now time.Time) {
+	kept := l.waiting[:0]
+	for _, q := range l.waiting {
+		if now.Before(q.retryAt) {
+			kept = append(kept, q)
+		} else {
+			l.ready = append(l.ready, q)
+		}
+	}
+	clear(l.waiting[len(kept):])
+	l.waiting = kept
+}
+
+// fillBatch takes up to Pipeline ready channels, one request each. It
+// reports whether there is anything to send.
+func (l *lane) fillBatch() bool {
+	gen := l.pool.gen.Load()
+	var tooOld int64 // published_at (µs) before which a message is expired
+	if l.pool.opts.MaxAge > 0 {
+		tooOld = time.Now().Add(-l.pool.opts.MaxAge).UnixMicro()
+	}
+	l.batch = l.batch[:0]
+	n := 0
+	for n < len(l.ready) && len(l.batch) < l.pool.opts.Pipeline {
+		q := l.ready[n]
+		n++
+		if l.skipUnsendable(q, gen, tooOld) {
+			l.batch = append(l.batch, q)
+		} else {
+			l.release(q)
+		}
+	}
+	l.ready = l.ready[:copy(l.ready, l.ready[n:])]
+	return len(l.batch) > 0
+}
+
+// skipUnsendable settles the heads of q that must not be published: jobs
+// of a gone AMQP channel, and messages older than max_age. It reports
+// whether a head is left to send.
+func (l *lane) skipUnsendable(q *chanQueue, gen uint64, tooOld int64) bool {
+	for !q.empty() {
+		j := &q.jobs[q.head]
+		switch {
+		case j.Gen != gen:
+			l.emit(Settlement{Job: *j, Outcome: Stale})
+		case j.Msg.PublishedAt > 0 && j.Msg.PublishedAt < tooOld:
+			l.emit(Settlement{Job: *j, Outcome: Refused, Reason: ReasonExpired})
+		default:
+			return true
+		}
+		q.pop()
+	}
+	return false
+}
+
+// sendBatch publishes the batch's heads. Every channel of the batch ends
+// up settled, backing off, or back at the front of the ready list (not
+// answered). The error, if any, means the publisher gave no HTTP answer.
+func (l *lane) sendBatch() error {
+	answered, err := l.send()
+	if err != nil && answered == 0 && l.reused && closedByPeer(err) {
+		// Nginx closed the idle connection (keepalive_timeout, a reload)
+		// as we wrote to it: not an outage. Once, on a new connection.
+		l.closeConn()
+		answered, err = l.send()
+	}
+	// Unanswered channels go back first, in their order: they are the
+	// oldest ready work.
+	l.ready = slices.Insert(l.ready, 0, l.batch[answered:]...)
+	return err
+}
+
+// closedByPeer reports whether err means the other side closed the
+// connection, as opposed to a timeout or a refused dial.
+func closedByPeer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
+}
 
 // send writes the batch pipelined and reads the answers in order. It
-// returns how many jobs from the front are settled; the rest must be sent
-// again, after a backoff when err is not nil.
-func (l *lane) send(batch []Job) (settled int, err error) {
+// returns how many requests from the front were answered; each answered
+// one has been handled.
+func (l *lane) send() (answered int, err error) {
 	if l.conn == nil {
 		if err := l.dial(); err != nil {
 			return 0, err
 		}
 	}
+	timeout := l.pool.opts.Timeout
 	start := time.Now()
-	if err := l.conn.SetDeadline(start.Add(l.pool.opts.Timeout)); err != nil {
+	if err := l.conn.SetDeadline(start.Add(timeout)); err != nil {
 		l.closeConn()
 		return 0, fmt.Errorf("set deadline: %w", err)
 	}
-	for i := range batch {
-		l.buildRequest(&batch[i])
+	for _, q := range l.batch {
+		l.buildRequest(&q.jobs[q.head])
 		if err := l.req.Write(l.bw); err != nil {
 			l.closeConn()
 			return 0, fmt.Errorf("write request: %w", err)
@@ -157,47 +308,87 @@ func (l *lane) send(batch []Job) (settled int, err error) {
 	}
 	l.req.SetBodyRaw(nil) // do not pin the last message's body
 
-	dialect := l.pool.opts.Target.Dialect
-	for i := range batch {
+	last := start // the deadline runs per request: from the previous answer
+	for i, q := range l.batch {
 		l.resp.Reset()
 		if err := l.resp.Read(l.br); err != nil {
 			l.closeConn()
+			if i > 0 && errors.Is(err, io.EOF) {
+				// Closed after answering some (a reload, keepalive_requests
+				// without Connection: close): resend the rest at once.
+				return i, nil
+			}
 			return i, fmt.Errorf("read response: %w", err)
 		}
-		status := l.resp.StatusCode()
-		if dialect.accepted(status) {
-			l.accepted(&batch[i], start)
-			if l.resp.ConnectionClose() {
-				// keepalive_requests reached: nothing after this one was
-				// read by Nginx. Resend the rest at once on a new connection.
+		now := time.Now()
+		l.reused = true
+		keep := l.answer(q, now, start)
+		if !keep {
+			l.closeConn()
+			return i + 1, nil
+		}
+		if now.Sub(last) > timeout/16 {
+			if err := l.conn.SetReadDeadline(now.Add(timeout)); err != nil {
 				l.closeConn()
 				return i + 1, nil
 			}
-			continue
+			last = now
 		}
-		l.closeConn()
-		if refused(status) {
-			if l.m.Refused != nil {
-				l.m.Refused.Inc()
-			}
-			l.emit(Settlement{Job: batch[i], Outcome: Refused, Status: status})
-			return i + 1, nil
-		}
-		return i, errStatus(status)
 	}
-	return len(batch), nil
+	return len(l.batch), nil
 }
 
-// refused reports whether status means the message itself is bad, so that
-// retrying it can never succeed. 404 and 405 are not here: they mean the
-// publish URL or Nginx config is wrong, and dead-lettering every message
-// until an operator notices would lose them all.
-func refused(status int) bool {
-	return status == 400 || status == 403 || status == 413 || status == 414
+// answer handles the response just read for q's head. It reports whether
+// the connection may carry on: false when what was written behind this
+// request was not (or not reliably) processed.
+func (l *lane) answer(q *chanQueue, now, start time.Time) (keep bool) {
+	status := l.resp.StatusCode()
+	keep = !l.resp.ConnectionClose()
+	if l.pool.opts.Target.Dialect.accepted(status) {
+		l.accepted(q, now, start)
+		return keep
+	}
+	if l.pool.opts.Target.Dialect == PushStream && len(l.resp.Header.Peek("X-Nginx-PushStream-Explain")) > 0 {
+		keep = false // the module's early rejection: the body is still unread
+	}
+	h := l.pool.health
+	if status == 413 || status == 414 { // the message is too big: its fault
+		l.refuse(q, status, "nginx_"+strconv.Itoa(status))
+		return keep
+	}
+	if q.since.IsZero() {
+		q.since = now
+	}
+	switch {
+	case status >= 500 || status == 408 || status == 429:
+		h.failed(status, now)
+		if now.Sub(q.since) >= l.pool.opts.RetryBudget && h.othersOK(q.since, now) {
+			l.refuse(q, status, ReasonBudget)
+			return keep
+		}
+	default: // 400, 403, 404, 405, ...: the message's fault or the publisher's
+		h.refusedBy(q.channel, status, now)
+		grace := min(refusalGrace, l.pool.opts.RetryBudget)
+		if now.Sub(q.since) >= grace && h.othersOK(q.since, now) {
+			if s, _ := h.state(now); s != Misconfigured {
+				l.refuse(q, status, "nginx_"+strconv.Itoa(status))
+				return keep
+			}
+		}
+	}
+	if l.m.Retries != nil {
+		l.m.Retries.Inc()
+	}
+	q.attempts++
+	q.retryAt = now.Add(backoff(q.attempts, l.pool.opts.RetryMax))
+	l.waiting = append(l.waiting, q)
+	return keep
 }
 
-func (l *lane) accepted(j *Job, start time.Time) {
-	now := time.Now()
+// accepted settles q's head and puts the channel back in line if it has
+// more.
+func (l *lane) accepted(q *chanQueue, now, start time.Time) {
+	j := &q.jobs[q.head]
 	if l.m.Published != nil {
 		l.m.Published.Inc()
 		l.m.Duration.Update(now.Sub(start).Seconds())
@@ -205,7 +396,31 @@ func (l *lane) accepted(j *Job, start time.Time) {
 			l.m.Lag.Update(float64(now.UnixMicro()-j.Msg.PublishedAt) / 1e6)
 		}
 	}
+	l.pool.health.ok(q.channel, now)
 	l.emit(Settlement{Job: *j, Outcome: Accepted})
+	q.attempts, q.since = 0, time.Time{}
+	l.next(q)
+}
+
+// refuse gives up on q's head: the relay dead-letters it. The channel's
+// failure run goes on, so that the next message of a channel refused
+// for longer than its budget does not wait a whole budget again.
+func (l *lane) refuse(q *chanQueue, status int, reason string) {
+	if l.m.Refused != nil {
+		l.m.Refused.Inc()
+	}
+	l.emit(Settlement{Job: q.jobs[q.head], Outcome: Refused, Status: status, Reason: reason})
+	q.attempts = 0
+	l.next(q)
+}
+
+func (l *lane) next(q *chanQueue) {
+	q.pop()
+	if q.empty() {
+		l.release(q)
+		return
+	}
+	l.ready = append(l.ready, q)
 }
 
 // emit reports a settlement unless the pool is stopping, when nobody reads
@@ -243,11 +458,12 @@ func (l *lane) buildRequest(j *Job) {
 }
 
 func (l *lane) dial() error {
-	c, err := net.DialTimeout(l.pool.opts.Target.Network, l.pool.opts.Target.Addr, l.pool.opts.Timeout)
+	t := &l.pool.opts.Target
+	c, err := net.DialTimeout(t.Network, t.Addr, l.pool.opts.Timeout)
 	if err != nil {
 		return fmt.Errorf("connect publisher: %w", err)
 	}
-	l.conn = c
+	l.conn, l.reused = c, false
 	if l.br == nil {
 		l.br = bufio.NewReaderSize(c, 16<<10)
 		l.bw = bufio.NewWriterSize(c, 64<<10)
@@ -271,21 +487,14 @@ func (l *lane) setReachable(ok bool) {
 	}
 	l.reachable = ok
 	if ok {
-		l.pool.healthy.Add(1)
+		l.pool.health.unhealthy.Add(-1)
 	} else {
-		l.pool.healthy.Add(-1)
+		l.pool.health.unhealthy.Add(1)
 	}
 }
 
-// isUnreachable tells a dead publisher (refused, timed out) from one that
-// answers with an error status.
-func isUnreachable(err error) bool {
-	var s errStatus
-	return !errors.As(err, &s)
-}
-
-// backoff is capped exponential with full jitter, so lanes that failed
-// together do not retry in lockstep.
+// backoff is capped exponential with full jitter, so channels and lanes
+// that failed together do not retry in lockstep.
 func backoff(attempt int, max time.Duration) time.Duration {
 	d := 20 * time.Millisecond << min(attempt-1, 16)
 	if d > max || d <= 0 {

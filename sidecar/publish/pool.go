@@ -28,19 +28,35 @@ type Outcome uint8
 const (
 	// Accepted: Nginx took the message. Ack it.
 	Accepted Outcome = iota
-	// Refused: Nginx refused it for good (400, 403, 413). Dead-letter it.
+	// Refused: the message itself cannot be published (Settlement.Reason
+	// says why). Dead-letter it.
 	Refused
 	// Stale: the job belongs to an AMQP channel that is gone; the broker
 	// has requeued it already, so it was not published.
 	Stale
 )
 
+// Reasons a lane gives up on a message, beside "nginx_<status>" for a
+// status that is the message's fault. They label the dead-letter metric.
+const (
+	// ReasonBudget: Nginx answered 5xx for this channel for longer than
+	// the retry budget while other channels were published.
+	ReasonBudget = "nginx_5xx_budget"
+	// ReasonExpired: the message is older than push.max_age.
+	ReasonExpired = "expired"
+)
+
+// RefusedStatuses are the HTTP statuses a message may be dead-lettered for,
+// for pre-registering metrics.
+var RefusedStatuses = []int{400, 403, 404, 405, 413, 414}
+
 // Settlement reports a finished Job. Every submitted Job is settled
 // exactly once, unless the pool is stopped first.
 type Settlement struct {
 	Job     Job
 	Outcome Outcome
-	Status  int // HTTP status, for Refused
+	Status  int    // the last HTTP status, for Refused (0 for expired)
+	Reason  string // for Refused: nginx_413, nginx_5xx_budget, expired, ...
 }
 
 // Options configure a Pool.
@@ -48,10 +64,21 @@ type Options struct {
 	Target   Target
 	Lanes    int
 	Pipeline int           // requests in flight per connection
-	Timeout  time.Duration // per request batch, write to last response
+	Timeout  time.Duration // per request: from its write, or the previous answer, to its answer
 	RetryMax time.Duration // cap of the exponential retry backoff
-	QueueLen int           // jobs buffered per lane; ≥ prefetch so Submit never blocks
+	// RetryBudget is how long a channel may keep getting 5xx while other
+	// channels are published before its head message is dead-lettered.
+	RetryBudget time.Duration
+	// MaxAge, if positive, dead-letters a message whose published_at is
+	// older, instead of pushing it to browsers as new.
+	MaxAge   time.Duration
+	QueueLen int // jobs buffered per lane; ≥ prefetch so Submit never blocks
 }
+
+// refusalGrace is how long a 4xx that looks like the message's fault is
+// retried before the message is dead-lettered: long enough for the same
+// answer to show up on other channels when the publisher itself is wrong.
+const refusalGrace = 5 * time.Second
 
 // Metrics are the publisher's figures. Fields may be nil in tests.
 type Metrics struct {
@@ -65,23 +92,22 @@ type Metrics struct {
 // Pool is a set of lanes. Submit is called by one goroutine (the
 // consumer); lanes send settlements to the channel given to NewPool.
 type Pool struct {
-	opts    Options
-	lanes   []*lane
-	gen     atomic.Uint64
-	stop    context.CancelFunc
-	wg      sync.WaitGroup
-	healthy atomic.Int64 // lanes whose last attempt reached Nginx
+	opts   Options
+	lanes  []*lane
+	gen    atomic.Uint64
+	stop   context.CancelFunc
+	wg     sync.WaitGroup
+	health *health
 }
 
 // NewPool starts the lanes; they run until Stop.
 func NewPool(opts Options, out chan<- Settlement, m Metrics, log *slog.Logger) *Pool {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Pool{opts: opts, stop: cancel}
+	p := &Pool{opts: opts, stop: cancel, health: newHealth(opts.Lanes)}
 	p.lanes = make([]*lane, opts.Lanes)
 	for i := range p.lanes {
 		p.lanes[i] = newLane(i, p, out, m, log)
 	}
-	p.healthy.Store(int64(opts.Lanes))
 	p.wg.Add(len(p.lanes))
 	for _, l := range p.lanes {
 		go func() {
@@ -102,7 +128,11 @@ func (p *Pool) Submit(j Job) {
 }
 
 // Reachable reports whether every lane's last attempt got an HTTP answer.
-func (p *Pool) Reachable() bool { return p.healthy.Load() == int64(len(p.lanes)) }
+func (p *Pool) Reachable() bool { return p.health.unhealthy.Load() == 0 }
+
+// State judges the publisher now, with the HTTP status behind a fault;
+// Advice turns both into words.
+func (p *Pool) State() (State, int) { return p.health.state(time.Now()) }
 
 // Stop ends every lane and closes its connection. Jobs not yet settled are
 // dropped: the caller must not ack them.

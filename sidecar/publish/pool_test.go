@@ -1,6 +1,7 @@
 package publish
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"log/slog"
@@ -60,12 +61,24 @@ func startFake(t testing.TB, answer func(channel, body string) int) (*fakePublis
 
 func newTestPool(t testing.TB, url string, out chan Settlement) *Pool {
 	t.Helper()
+	return newPoolWith(t, url, out, Options{}, Metrics{})
+}
+
+// newPoolWith starts a pool on url; o's zero fields get test defaults.
+func newPoolWith(t testing.TB, url string, out chan Settlement, o Options, m Metrics) *Pool {
+	t.Helper()
 	tg, err := ParseTarget(PushStream, url)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := NewPool(Options{Target: tg, Lanes: 4, Pipeline: 8, Timeout: time.Second, RetryMax: 50 * time.Millisecond, QueueLen: 4096},
-		out, Metrics{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	o.Target = tg
+	o.Lanes = cmp.Or(o.Lanes, 4)
+	o.Pipeline = cmp.Or(o.Pipeline, 8)
+	o.Timeout = cmp.Or(o.Timeout, time.Second)
+	o.RetryMax = cmp.Or(o.RetryMax, 50*time.Millisecond)
+	o.RetryBudget = cmp.Or(o.RetryBudget, time.Minute)
+	o.QueueLen = cmp.Or(o.QueueLen, 4096)
+	p := NewPool(o, out, m, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	p.SetGen(1)
 	t.Cleanup(p.Stop)
 	return p

@@ -10,11 +10,12 @@ import (
 	"os"
 	"time"
 
+	"github.com/pushrelay/pushrelay/sidecar/publish"
 	"github.com/pushrelay/pushrelay/sidecar/telemetry"
 )
 
 // Handler serves /metrics, /healthz (the process is up) and /readyz
-// (consuming, and Nginx answers).
+// (consuming, and the publisher takes messages; else why not).
 func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
@@ -25,14 +26,17 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		switch {
-		case !r.consuming.Load():
+		if !r.consuming.Load() {
 			http.Error(w, "not consuming: no AMQP session", http.StatusServiceUnavailable)
-		case !r.publisherReachable():
-			http.Error(w, "publisher unreachable", http.StatusServiceUnavailable)
-		default:
-			fmt.Fprintln(w, "ready")
+			return
 		}
+		if p := r.pool.Load(); p != nil {
+			if state, status := p.State(); state != publish.OK {
+				http.Error(w, "publisher "+state.String()+": "+publish.Advice(state, status), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ready")
 	})
 	if os.Getenv("PUSHRELAY_PPROF") == "1" {
 		// Profiling on the metrics listener, for benchmarks and incidents;

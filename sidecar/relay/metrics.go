@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -40,15 +41,18 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		dead:          map[string]*metrics.Counter{},
 		publish: publish.Metrics{
 			Published: reg.Counter("pushrelay_messages_published_total", "Messages Nginx accepted."),
-			Retries:   reg.Counter("pushrelay_publish_retries_total", "Publish attempts that failed (refused, timeout, 5xx) and were retried."),
-			Refused:   reg.Counter("pushrelay_publish_refused_total", "Messages Nginx refused for good (400, 403, 413, 414)."),
+			Retries:   reg.Counter("pushrelay_publish_retries_total", "Publish attempts that failed (no answer, 5xx, 4xx) and will be retried; an idle connection Nginx closed is not one."),
+			Refused:   reg.Counter("pushrelay_publish_refused_total", "Messages the publisher gave up on: 413/414, a 4xx on one channel alone, a 5xx retry budget spent."),
 			Duration: reg.Histogram("pushrelay_publish_duration_seconds",
 				"Time from writing a publish request batch to reading each response.", durationBuckets),
 			Lag: reg.Histogram("pushrelay_message_lag_seconds",
 				"Time from the producer's published_at header to Nginx accepting the message.", lagBuckets),
 		},
 	}
-	reasons := []string{"nginx_400", "nginx_403", "nginx_413", "nginx_414"}
+	reasons := []string{publish.ReasonBudget, publish.ReasonExpired}
+	for _, status := range publish.RefusedStatuses {
+		reasons = append(reasons, "nginx_"+strconv.Itoa(status))
+	}
 	for _, r := range message.Reasons {
 		reasons = append(reasons, string(r))
 	}
@@ -58,6 +62,25 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 	}
 	reg.Gauge("pushrelay_messages_in_flight", "Messages handed to the publisher and not yet settled.",
 		func() float64 { return float64(r.inFlight.Load()) })
+	reg.Gauge("pushrelay_publish_oldest_pending_seconds", "Age of the oldest delivery not yet published, dead-lettered or acked (0 when none): a stuck channel shows here.",
+		func() float64 {
+			at := r.oldestPending.Load()
+			if at == 0 {
+				return 0
+			}
+			return max(0, time.Since(time.Unix(0, at)).Seconds())
+		})
+	for _, st := range publish.States {
+		reg.Gauge(`pushrelay_publisher_state{state="`+st.String()+`"}`, "1 for the publisher's current state: ok, unreachable (no HTTP answer), failing (an error on every channel), misconfigured (4xx on several channels).",
+			func() float64 {
+				p := r.pool.Load()
+				if p == nil {
+					return 0
+				}
+				now, _ := p.State()
+				return b2f(now == st)
+			})
+	}
 	reg.Gauge("pushrelay_messages_unacked", "Deliveries of the current AMQP session not yet acked or rejected (at most amqp.prefetch), as of the last ack.",
 		func() float64 { return float64(r.unacked.Load()) })
 	reg.Gauge("pushrelay_amqp_connected", "1 while an AMQP session is consuming.",

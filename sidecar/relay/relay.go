@@ -65,6 +65,7 @@ type Relay struct {
 
 	// Read by /metrics and /readyz.
 	inFlight       atomic.Int64
+	oldestPending  atomic.Int64 // unix ns the oldest unsettled delivery arrived; 0 when none
 	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
 	consuming      atomic.Bool
 	shardsOwned    atomic.Int64
@@ -79,6 +80,8 @@ type Relay struct {
 	bound    map[int]bool      // shards bound on the queue: owned + draining
 	draining map[int]time.Time // shard → when its binding goes
 	warn     *rateLimiter
+	now      int64 // unix ns, read at every tick: a delivery's arrival, to the tick
+	pubState publish.State
 }
 
 // New prepares a relay for cfg, which must be valid. level is the logger's
@@ -250,12 +253,14 @@ func (r *Relay) startPool() error {
 		return err
 	}
 	r.pool.Store(publish.NewPool(publish.Options{
-		Target:   target,
-		Lanes:    p.Connections,
-		Pipeline: p.Pipeline,
-		Timeout:  p.Timeout.D(),
-		RetryMax: p.RetryMax.D(),
-		QueueLen: r.cfg.AMQP.Prefetch,
+		Target:      target,
+		Lanes:       p.Connections,
+		Pipeline:    p.Pipeline,
+		Timeout:     p.Timeout.D(),
+		RetryMax:    p.RetryMax.D(),
+		RetryBudget: p.RetryBudget.D(),
+		MaxAge:      p.MaxAge.D(),
+		QueueLen:    r.cfg.AMQP.Prefetch,
 	}, r.settles, r.m.publish, r.log))
 	r.pool.Load().SetGen(r.gen)
 	return nil
@@ -265,34 +270,45 @@ func (r *Relay) startPool() error {
 // an error when the session is lost or must be replaced.
 func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 	s := &session{Session: sess, tracker: acker.NewTracker(r.cfg.AMQP.Prefetch)}
+	r.now = time.Now().UnixNano()
 	ticker := time.NewTicker(ackInterval)
 	defer ticker.Stop()
+	defer r.oldestPending.Store(0)
 
 	deliveries := sess.Deliveries
 	var (
 		// afterQuiesce runs once nothing is in flight; deliveries are
-		// paused until then. Reloads that rebuild the publisher or the
-		// session use it so that nothing is published twice.
-		afterQuiesce func() error
+		// paused until then, or until quiesceTimer: a publisher that
+		// takes nothing must not keep its own fix from applying. Reloads
+		// that rebuild the publisher or the session use it so that
+		// nothing is published twice.
+		afterQuiesce func(abandoned bool) error
+		quiesceTimer <-chan time.Time
 		stopping     bool
 		stopTimer    <-chan time.Time
 		done         = ctx.Done()
 	)
+	runAction := func(abandoned bool) error {
+		if err := r.flushAcks(s, false); err != nil {
+			return err
+		}
+		err := afterQuiesce(abandoned)
+		afterQuiesce, quiesceTimer = nil, nil
+		deliveries = sess.Deliveries
+		return err
+	}
 	for {
-		if (afterQuiesce != nil || stopping) && r.inFlight.Load() == 0 {
-			if err := r.flushAcks(s); err != nil {
-				return err
-			}
+		if (afterQuiesce != nil || stopping) && r.inFlight.Load() == 0 && s.deadPending == 0 {
 			if stopping {
+				if err := r.flushAcks(s, false); err != nil {
+					return err
+				}
 				r.log.Info("stopped: every in-flight message published and acked")
 				return nil
 			}
-			err := afterQuiesce()
-			afterQuiesce = nil
-			if err != nil {
+			if err := runAction(false); err != nil {
 				return err
 			}
-			deliveries = sess.Deliveries
 		}
 
 		select {
@@ -300,18 +316,20 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			if !ok {
 				return errors.New("delivery channel closed")
 			}
-			if err := r.handleDelivery(ctx, s, &d); err != nil {
+			if err := r.handleDelivery(s, &d); err != nil {
 				return err
 			}
 		case st := <-r.settles:
-			if err := r.handleSettlement(ctx, s, &st); err != nil {
+			if err := r.handleSettlement(s, &st); err != nil {
 				return err
 			}
-		case <-ticker.C:
-			if err := r.flushAcks(s); err != nil {
+		case c := <-sess.DeadLettered:
+			if err := r.handleCopy(s, c); err != nil {
 				return err
 			}
-			if err := r.expireDrains(s.Session); err != nil {
+		case now := <-ticker.C:
+			r.now = now.UnixNano()
+			if err := r.tick(s); err != nil {
 				return err
 			}
 		case next := <-r.reloads:
@@ -320,25 +338,52 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 				return err
 			}
 			if action != nil && !stopping {
+				if afterQuiesce != nil { // a second reload: do the first one's work too
+					action = chain(afterQuiesce, action)
+				} else {
+					quiesceTimer = time.After(r.cfg.ShutdownTimeout.D())
+				}
 				afterQuiesce = action
 				deliveries = nil
+			}
+		case <-quiesceTimer:
+			r.log.Warn("config change applied with messages still in flight; they will be delivered again",
+				"in_flight", r.inFlight.Load(), "waited", r.cfg.ShutdownTimeout.D())
+			if err := runAction(true); err != nil {
+				return err
 			}
 		case e := <-sess.Closed:
 			return fmt.Errorf("closed by broker or network: %w", e)
 		case <-done:
 			stopping, done, deliveries = true, nil, nil
+			afterQuiesce, quiesceTimer = nil, nil // a new config is moot now
 			stopTimer = time.After(r.cfg.ShutdownTimeout.D())
 			if err := sess.Cancel(); err != nil {
 				r.log.Warn("cancel consumer", "err", err)
 			}
 			r.log.Info("stopping: finishing in-flight publishes", "in_flight", r.inFlight.Load(),
-				"deadline", r.cfg.ShutdownTimeout.D())
+				"dead_letters_unconfirmed", s.deadPending, "deadline", r.cfg.ShutdownTimeout.D())
 		case <-stopTimer:
-			err := r.flushAcks(s)
+			err := r.flushAcks(s, true)
 			r.log.Warn("shutdown deadline reached; unfinished messages stay unacked for redelivery",
-				"in_flight", r.inFlight.Load())
+				"in_flight", r.inFlight.Load(), "dead_letters_unconfirmed", s.deadPending)
 			return err
 		}
+	}
+}
+
+// chain runs the actions of two reloads in order, so that the second never
+// cancels the first one's work. A reconnect either asks for comes last.
+func chain(first, second func(abandoned bool) error) func(abandoned bool) error {
+	return func(abandoned bool) error {
+		err := first(abandoned)
+		if err != nil && !errors.Is(err, errReconnect) {
+			return err
+		}
+		if err2 := second(abandoned); err2 != nil {
+			return err2
+		}
+		return err
 	}
 }
 
@@ -346,14 +391,53 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 type session struct {
 	*consume.Session
 	tracker *acker.Tracker
+	// deadPending counts dead-letter copies not yet confirmed or failed.
+	deadPending int
+	// lastHead is the tracker's head at the previous tick: a head that
+	// has not moved since is a stalled message, and the settled tags
+	// above it are acked one by one.
+	lastHead uint64
 }
 
-func (r *Relay) handleDelivery(ctx context.Context, s *session, d *amqp.Delivery) error {
+// tick runs every ackInterval: acks, drains, and the figures that change
+// with time.
+func (r *Relay) tick(s *session) error {
+	stalled := s.tracker.Head() == s.lastHead
+	if err := r.flushAcks(s, stalled); err != nil {
+		return err
+	}
+	s.lastHead = s.tracker.Head()
+	if at, ok := s.tracker.Oldest(); ok {
+		r.oldestPending.Store(at)
+	} else {
+		r.oldestPending.Store(0)
+	}
+	r.watchPublisher()
+	return r.expireDrains(s.Session)
+}
+
+// watchPublisher logs the publisher's state when it changes: once, not
+// per message, so that an outage is one line in the journal.
+func (r *Relay) watchPublisher() {
+	state, status := r.pool.Load().State()
+	if state == r.pubState {
+		return
+	}
+	if state == publish.OK {
+		r.log.Info("publisher works again", "was", r.pubState.String())
+	} else {
+		r.log.Warn("publisher fault: messages wait unacked, nothing is dead-lettered",
+			"state", state.String(), "status", status, "hint", publish.Advice(state, status))
+	}
+	r.pubState = state
+}
+
+func (r *Relay) handleDelivery(s *session, d *amqp.Delivery) error {
 	r.m.received.Inc()
 	if d.Redelivered {
 		r.m.redelivered.Inc()
 	}
-	if err := s.tracker.Track(d.DeliveryTag); err != nil {
+	if err := s.tracker.Track(d.DeliveryTag, r.now); err != nil {
 		return err
 	}
 	msg, reason := message.Parse(d, r.cfg.Push.MaxBody)
@@ -362,14 +446,14 @@ func (r *Relay) handleDelivery(ctx context.Context, s *session, d *amqp.Delivery
 			Headers: d.Headers, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,
 			MessageId: d.MessageId, Type: d.Type, Timestamp: d.Timestamp, AppId: d.AppId, Body: d.Body,
 		}
-		return r.deadLetter(ctx, s, d.DeliveryTag, p, d.RoutingKey, string(reason))
+		return r.deadLetter(s, d.DeliveryTag, p, d.RoutingKey, string(reason))
 	}
 	r.inFlight.Add(1)
 	r.pool.Load().Submit(publish.Job{Gen: r.gen, Tag: d.DeliveryTag, Msg: msg})
 	return nil
 }
 
-func (r *Relay) handleSettlement(ctx context.Context, s *session, st *publish.Settlement) error {
+func (r *Relay) handleSettlement(s *session, st *publish.Settlement) error {
 	r.inFlight.Add(-1)
 	if st.Job.Gen != r.gen {
 		return nil // its channel is gone; the broker redelivers it
@@ -381,26 +465,29 @@ func (r *Relay) handleSettlement(ctx context.Context, s *session, st *publish.Se
 		}
 	case publish.Refused:
 		m := &st.Job.Msg
-		headers := amqp.Table{"channel": m.Channel, "x-pushrelay-status": int32(st.Status)}
-		if m.PublishedAt != 0 {
-			headers["published_at"] = m.PublishedAt
+		headers := make(amqp.Table, len(m.Headers)+1)
+		for k, v := range m.Headers {
+			headers[k] = v
+		}
+		if st.Status != 0 {
+			headers["x-pushrelay-status"] = int32(st.Status)
 		}
 		p := amqp.Publishing{Headers: headers, ContentType: m.ContentType, MessageId: m.ID, Type: m.Type, Body: m.Body}
-		if err := r.deadLetter(ctx, s, st.Job.Tag, p, "", "nginx_"+strconv.Itoa(st.Status)); err != nil {
+		if err := r.deadLetter(s, st.Job.Tag, p, "", st.Reason); err != nil {
 			return err
 		}
 	}
 	if s.tracker.Settled() >= ackBatch {
-		return r.flushAcks(s)
+		return r.flushAcks(s, false)
 	}
 	return nil
 }
 
 // deadLetter moves a poison delivery to the dead-letter exchange: a copy
-// carrying the reason, then the original is acked with the next batch. If
-// the copy cannot be confirmed, the original is rejected instead, and the
-// queue's own dead-lettering keeps it (without our reason header).
-func (r *Relay) deadLetter(ctx context.Context, s *session, tag uint64, p amqp.Publishing, key, reason string) error {
+// carrying the reason goes out on the session's dead-letter connection,
+// and the original is acked when the broker confirms the copy
+// (handleCopy). The loop never waits for that confirm.
+func (r *Relay) deadLetter(s *session, tag uint64, p amqp.Publishing, key, reason string) error {
 	if c := r.m.dead[reason]; c != nil {
 		c.Inc()
 	}
@@ -408,20 +495,44 @@ func (r *Relay) deadLetter(ctx context.Context, s *session, tag uint64, p amqp.P
 		r.log.Warn("dead-lettering poison message", "reason", reason, "message_id", p.MessageId,
 			"suppressed_since_last", r.warn.suppressed(reason))
 	}
-	err := s.DeadLetter(context.WithoutCancel(ctx), p, key, reason)
-	if err == nil {
-		return s.tracker.Settle(tag, acker.Done)
+	if s.DeadLetter(tag, p, key, reason) {
+		s.deadPending++
+		return nil
 	}
-	r.log.Warn("dead-letter copy failed; rejecting the original", "reason", reason, "err", err)
+	return r.reject(s, tag, reason, errors.New("too many dead-letter copies waiting"))
+}
+
+// handleCopy settles the original of a dead-letter copy: acked once the
+// copy is confirmed, rejected if it was not (the queue's own
+// dead-lettering then keeps it, without our reason header).
+func (r *Relay) handleCopy(s *session, c consume.CopyResult) error {
+	s.deadPending--
+	if c.Err == nil {
+		return s.tracker.Settle(c.Tag, acker.Done)
+	}
+	return r.reject(s, c.Tag, "copy_failed", c.Err)
+}
+
+func (r *Relay) reject(s *session, tag uint64, reason string, cause error) error {
+	if r.warn.allow("reject:" + reason) {
+		r.log.Warn("dead-letter copy failed; rejecting the original", "err", cause,
+			"suppressed_since_last", r.warn.suppressed("reject:"+reason))
+	}
 	if err := s.Reject(tag); err != nil {
 		return fmt.Errorf("reject: %w", err)
 	}
 	return s.tracker.Settle(tag, acker.Rejected)
 }
 
-func (r *Relay) flushAcks(s *session) error {
-	if up := s.tracker.Flush(); up != 0 {
-		if err := s.Ack(up); err != nil {
+func (r *Relay) flushAcks(s *session, stalled bool) error {
+	up, singles := s.tracker.Flush(stalled)
+	if up != 0 {
+		if err := s.Ack(up, true); err != nil {
+			return fmt.Errorf("ack: %w", err)
+		}
+	}
+	for _, tag := range singles {
+		if err := s.Ack(tag, false); err != nil {
 			return fmt.Errorf("ack: %w", err)
 		}
 	}
@@ -441,7 +552,7 @@ func (r *Relay) waitApplyingReloads(ctx context.Context, d time.Duration) bool {
 			if err == nil && action != nil {
 				// Nothing in flight can still be acked: its session is gone
 				// and the broker will deliver it again. So rebuild now.
-				if err = action(); errors.Is(err, errReconnect) {
+				if err = action(true); errors.Is(err, errReconnect) {
 					err = nil // about to connect anyway
 				}
 			}

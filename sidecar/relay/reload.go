@@ -13,7 +13,13 @@ import (
 // apply at once; it returns an action to run once nothing is in flight
 // when the publisher or the AMQP session must be rebuilt. sess is nil
 // while disconnected: bindings then happen at the next connect.
-func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce func() error, err error) {
+//
+// The action is told whether messages were still in flight (abandoned):
+// a wrong publisher URL keeps them in flight for ever, and the reload that
+// fixes it must not wait for them. Their tags are then never acked, so
+// the action asks for a new AMQP session, and the broker delivers them
+// again to the new publisher.
+func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce func(abandoned bool) error, err error) {
 	prev := r.cfg
 	r.cfg = next
 	r.level.Set(ParseLevel(next.Log.Level))
@@ -40,18 +46,36 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce f
 	if !sessionChanged && !poolChanged {
 		return nil, nil
 	}
-	return func() error {
+	return func(abandoned bool) error {
 		if poolChanged {
-			r.pool.Load().Stop()
-			if err := r.startPool(); err != nil {
+			if err := r.rebuildPool(); err != nil {
 				return err
 			}
 		}
-		if sessionChanged {
+		if sessionChanged || abandoned {
 			return errReconnect
 		}
 		return nil
 	}, nil
+}
+
+// rebuildPool starts a publisher for the current config, then stops the
+// old one. Jobs the old pool still held are dropped: their settlements
+// never come, so the in-flight count starts again from zero.
+func (r *Relay) rebuildPool() error {
+	old := r.pool.Load()
+	if err := r.startPool(); err != nil {
+		return err // the old pool keeps running
+	}
+	old.Stop()
+	for { // what the old pool settled but the loop has not read
+		select {
+		case <-r.settles:
+		default:
+			r.inFlight.Store(0)
+			return nil
+		}
+	}
 }
 
 // moveShards binds gained shards at once and schedules lost ones to be

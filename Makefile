@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/pushrelay/pushrelay/sidecar/version.Version=$(VERSION)
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build deps test unit integration demo bench vet fmt clean
+.PHONY: all build deps test unit integration demo bench vet fmt clean fuzz
 
 all: build
 
@@ -31,6 +31,18 @@ integration: deps build
 # the probe tests count the host's TCP connections; packages must not overlap.
 test: deps vet build
 	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) test -p 1 -count=1 -timeout 40m ./...
+	$(MAKE) --no-print-directory fuzz FUZZTIME=15s
+
+# Fuzz targets of the code that reads outside input, as package:target
+# (go test -fuzz takes one of each per run). make test runs each for 15 s.
+FUZZ_TARGETS := ./sidecar/message:FuzzParse ./sidecar/config:FuzzParse
+FUZZTIME     ?= 2m
+
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		echo "==> $${t%%:*} $${t#*:} for $(FUZZTIME)"; \
+		$(GO) test -run='^$$' -fuzz="^$${t#*:}\$$" -fuzztime=$(FUZZTIME) $${t%%:*} || exit 1; \
+	done
 
 demo: deps build
 	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) run ./integration/cmd/demo

@@ -10,6 +10,7 @@ package publish
 import (
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 )
 
@@ -104,8 +105,15 @@ func ParseTarget(d Dialect, template string) (Target, error) {
 			return Target{}, fmt.Errorf("publish URL %q: want http://host:port/path (lower-case scheme, no user)", template)
 		}
 		t.Network, t.Addr, t.host = "tcp", u.Host, u.Host
-		if u.Port() == "" {
+		switch port := u.Port(); {
+		case strings.HasSuffix(u.Host, ":"):
+			return Target{}, fmt.Errorf("publish URL %q: empty port", template)
+		case port == "":
 			t.Addr += ":80"
+		default:
+			if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+				return Target{}, fmt.Errorf("publish URL %q: port %q out of range 1..65535", template, port)
+			}
 		}
 		// The request URI is the template's text after scheme and host,
 		// kept byte for byte: re-encoding it could change what Nginx sees.
@@ -114,7 +122,7 @@ func ParseTarget(d Dialect, template string) (Target, error) {
 	if uri == "" || uri[0] != '/' {
 		return Target{}, fmt.Errorf("publish URL %q: the path must start with /", template)
 	}
-	if strings.ContainsAny(uri+suffix, " \t\r\n#") {
+	if i := strings.IndexFunc(uri+suffix, func(r rune) bool { return r <= ' ' || r == 0x7f || r == '#' }); i >= 0 {
 		return Target{}, fmt.Errorf("publish URL %q: spaces, control characters and # cannot go in a request line", template)
 	}
 	t.prefix = uri

@@ -38,7 +38,11 @@ func TestParseTargetAndURI(t *testing.T) {
 	for _, bad := range []string{"http://127.0.0.1/pub", "https://127.0.0.1/pub?id={channel}", "/pub?id={channel}",
 		"http://h:8080?id={channel}", "HTTP://127.0.0.1/pub?id={channel}", "http://u:p@127.0.0.1/pub?id={channel}",
 		"http://unix:relative.sock:/pub?id={channel}", "http://unix:/run/x.sock?id={channel}",
-		"http://127.0.0.1/pub?id={channel}&again={channel}", "http://127.0.0.1/p b?id={channel}"} {
+		"http://127.0.0.1/pub?id={channel}&again={channel}", "http://127.0.0.1/p b?id={channel}",
+		// Found by the config fuzzer: each passed check-config and then
+		// could not be dialled or put in a request line.
+		"http://127.0.0.1:/pub?id={channel}", "http://127.0.0.1:99999/pub?id={channel}", "http://127.0.0.1:0/pub?id={channel}",
+		"http://127.0.0.1/pub?id={channel}\x00", "http://unix:/run/x.sock:/pub\x01?id={channel}"} {
 		if _, err := ParseTarget(PushStream, bad); err == nil {
 			t.Errorf("ParseTarget(%q) accepted", bad)
 		}

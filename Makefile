@@ -35,7 +35,7 @@ test: deps vet build
 
 # Fuzz targets of the code that reads outside input, as package:target
 # (go test -fuzz takes one of each per run). make test runs each for 15 s.
-FUZZ_TARGETS := ./sidecar/message:FuzzParse ./sidecar/config:FuzzParse
+FUZZ_TARGETS := ./sidecar/message:FuzzParse ./sidecar/config:FuzzParse ./sidecar/publish:FuzzAnswers
 FUZZTIME     ?= 2m
 
 fuzz:

@@ -1,6 +1,7 @@
 // Package integration tests pushrelay as it runs in production: the real
-// binary as a process, RabbitMQ on 127.0.0.1:5672, Debian's Nginx with the
-// Nchan module and the project's own nginx/ snippet, and real EventSource,
+// binary as a process, RabbitMQ on 127.0.0.1:5672, Nginx with the project's
+// own nginx/ snippets for each publisher module (Debian's Nginx + Nchan, and
+// nginx + Push Stream built by `make pushstream`), and real EventSource,
 // WebSocket and long-poll subscribers. Nothing here is mocked.
 package integration
 
@@ -63,8 +64,8 @@ func waitFor(t testing.TB, what string, timeout time.Duration, ok func() bool) {
 // benchmarks; these wrappers only turn their errors into test failures
 // and stop them at the end of the test.
 
-// Nginx is a Debian nginx + Nchan instance on a loopback port, serving the
-// project's nginx/pushrelay-nchan.conf.
+// Nginx is an nginx instance on a loopback port running one publisher
+// module with the project's nginx/pushrelay-<module>*.conf.
 type Nginx struct {
 	*stack.Nginx
 	t    testing.TB
@@ -87,10 +88,12 @@ func eachModule(t *testing.T, f func(t *testing.T, m stack.Module)) {
 	}
 }
 
-// moduleUnavailable says why module m cannot run here, or "".
+// moduleUnavailable says why module m cannot run here, or "". Push Stream
+// needs the nginx that `make pushstream` builds from ../shared/vendor (make
+// test builds it first); Nchan is Debian's and always installed by deps.
 func moduleUnavailable(m stack.Module) string {
-	if m == stack.PushStream {
-		return "push stream: not wired into integration/stack yet"
+	if _, err := m.Nginx(); err != nil {
+		return err.Error()
 	}
 	return ""
 }

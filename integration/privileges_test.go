@@ -21,7 +21,11 @@ func TestRelayRelaysWithoutPrivileges(t *testing.T) {
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		t.Skip("setpriv (util-linux) not installed")
 	}
-	ngx := startNginx(t)
+	eachModule(t, testRelayWithoutPrivileges)
+}
+
+func testRelayWithoutPrivileges(t *testing.T, m stack.Module) {
+	ngx := startNginxModule(t, m)
 	b := newBroker(t, "pushrelay.it-noprivs")
 
 	// The relay runs as nobody, so its config must be readable by all.
@@ -42,7 +46,7 @@ func TestRelayRelaysWithoutPrivileges(t *testing.T) {
 		t.Fatal(err)
 	}
 	r, err := stack.NewRelay(filepath.Join(dir, "pushrelay"), dir, stack.RelayConfig{
-		Host: "it-noprivs", AMQPURL: amqpURL, Exchange: b.Exchange, Publish: ngx.PublishURL(),
+		Host: "it-noprivs", AMQPURL: amqpURL, Exchange: b.Exchange, Publish: ngx.PublishURL(), Dialect: m.Dialect(),
 		Probes: "enabled = true\nports = [" + strconv.Itoa(ngx.Port) + "]",
 	})
 	if err != nil {

@@ -3,16 +3,19 @@ package integration
 import (
 	"bytes"
 	"fmt"
+	"regexp"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
-// pipeline is one frontend: Nginx + Nchan, the relay, and a broker
-// connection for the test's web tier.
+// pipeline is one frontend: Nginx with module m, the relay speaking its
+// dialect, and a broker connection for the test's web tier.
 type pipeline struct {
 	nginx  *Nginx
 	broker *Broker
@@ -20,12 +23,12 @@ type pipeline struct {
 	host   string
 }
 
-func newPipeline(t *testing.T, host string, o RelayOptions) *pipeline {
+func newPipeline(t *testing.T, m stack.Module, host string, o RelayOptions) *pipeline {
 	t.Helper()
 	p := &pipeline{host: host}
-	p.nginx = startNginx(t)
+	p.nginx = startNginxModule(t, m)
 	p.broker = newBroker(t, "pushrelay."+host)
-	o.Host, o.Exchange, o.Publish = host, p.broker.Exchange, p.nginx.PublishURL()
+	o.Host, o.Exchange, o.Publish, o.Dialect = host, p.broker.Exchange, p.nginx.PublishURL(), m.Dialect()
 	p.relay = startRelay(t, o)
 	return p
 }
@@ -36,6 +39,18 @@ func channels(prefix string, n int) []string {
 		out[i] = fmt.Sprintf("%s:%d", prefix, i)
 	}
 	return out
+}
+
+// kindsOn are the subscriber kinds a test checks on module m. Push
+// Stream's long-poll answers every message pending since the last poll in
+// one response, joined by the shipped snippet's template (~text~) with no
+// separator ("234", publisher-protocols.md §2), so no client can tell the
+// messages apart: it is left out there.
+func kindsOn(m stack.Module) []Kind {
+	if m == stack.PushStream {
+		return []Kind{EventSource, WebSocket}
+	}
+	return []Kind{EventSource, WebSocket, LongPoll}
 }
 
 // subscribeAll gives every channel one subscriber, cycling through kinds.
@@ -107,34 +122,81 @@ func streamPublish(b *Broker, chans []string, perChannel int, rate int) (wait fu
 
 // Issue 2, test 1: 10,000 messages over 100 channels reach EventSource,
 // WebSocket and long-poll subscribers, every one, in order.
+// The SSE id differs by module: Push Stream sends the publisher's Event-Id
+// (the message_id) and no id line without one; Nchan ignores Event-Id and
+// always numbers messages itself as <unix-sec>:<n>.
 func TestEveryMessageArrivesInOrder(t *testing.T) {
-	p := newPipeline(t, "it-order", RelayOptions{})
-	chans := channels("order", 100)
-	subs := subscribeAll(t, p.nginx, chans, EventSource, WebSocket, LongPoll)
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		p := newPipeline(t, m, "it-order", RelayOptions{})
+		chans := channels("order", 100)
+		subs := subscribeAll(t, p.nginx, chans, kindsOn(m)...)
 
-	const perChannel = 100
-	for seq := 1; seq <= perChannel; seq++ {
-		p.broker.MustPublish(seqMsgs(chans, seq)...)
-	}
-	if dups := waitAll(t, subs, perChannel, 90*time.Second); dups != 0 {
-		t.Errorf("%d duplicates in a run without failures", dups)
-	}
-	waitFor(t, "every message acked", 10*time.Second, func() bool {
-		return p.relay.Metric("pushrelay_messages_in_flight") == 0 && p.broker.QueueDepth("pushrelay.it-order") == 0
+		const perChannel = 100
+		for seq := 1; seq <= perChannel; seq++ {
+			p.broker.MustPublish(seqMsgs(chans, seq)...)
+		}
+		if dups := waitAll(t, subs, perChannel, 90*time.Second); dups != 0 {
+			t.Errorf("%d duplicates in a run without failures", dups)
+		}
+		waitFor(t, "every message acked", 10*time.Second, func() bool {
+			return p.relay.Metric("pushrelay_messages_in_flight") == 0 && p.broker.QueueDepth("pushrelay."+p.host) == 0
+		})
+		if got := p.relay.Metric("pushrelay_messages_published_total"); got != 100*perChannel {
+			t.Errorf("pushrelay_messages_published_total = %v, want %d", got, 100*perChannel)
+		}
+		checkSSEIDs(t, m, subs)
 	})
-	if got := p.relay.Metric("pushrelay_messages_published_total"); got != 100*perChannel {
-		t.Errorf("pushrelay_messages_published_total = %v, want %d", got, 100*perChannel)
+}
+
+var nchanSSEID = regexp.MustCompile(`^[0-9]+:[0-9]+$`)
+
+// checkSSEIDs checks the id line of every message the EventSource
+// subscribers got: the warm-up (published without Event-Id) and the
+// relay's messages (message_id = the body).
+func checkSSEIDs(t *testing.T, m stack.Module, subs []*Subscriber) {
+	t.Helper()
+	for _, s := range subs {
+		if s.Kind != EventSource {
+			continue
+		}
+		got, ids := s.Got(), s.IDs()
+		for i, v := range got {
+			var want string
+			switch {
+			case m == stack.Nchan && !nchanSSEID.MatchString(ids[i]):
+				t.Errorf("nchan %s: message %d has id %q, want <sec>:<n>", s.Channel, v, ids[i])
+			case m == stack.PushStream && v == 0:
+				want = "" // no Event-Id, no id line
+			case m == stack.PushStream:
+				want = strconv.Itoa(v)
+			}
+			if m == stack.PushStream && ids[i] != want {
+				t.Errorf("pushstream %s: message %d has id %q, want %q", s.Channel, v, ids[i], want)
+			}
+		}
 	}
 }
 
 // Issue 2, test 2: poison messages land in pushrelay.dead with their
 // reason, and every valid message around them arrives, including the one
 // pipelined right behind a request Nginx refused.
+//
+// On Push Stream an empty body is poison too: the module answers 400 ("Empty
+// post requests are not allowed") and the relay dead-letters it as
+// nginx_400 after its refusal grace, provided other channels publish
+// meanwhile: with no other traffic the relay cannot tell a refused message
+// from a publisher that refuses everything, and holds the channel. So the
+// Push Stream run keeps another channel busy, as a live site does. Nchan
+// stores and delivers an empty message, so it is not sent there.
 func TestPoisonIsDeadLetteredWithReason(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) { testPoison(t, m) })
+}
+
+func testPoison(t *testing.T, m stack.Module) {
 	// max_body above Nginx's client_max_body_size (32k), so that a 40 KiB
 	// body reaches Nginx and gets its 413, while 70 KiB is caught by the
 	// relay itself.
-	p := newPipeline(t, "it-poison", RelayOptions{MaxBody: 64 << 10})
+	p := newPipeline(t, m, "it-poison", RelayOptions{MaxBody: 64 << 10})
 	p.broker.Drain("pushrelay.dead")
 	const ch = "poison:1"
 	subs := subscribeAll(t, p.nginx, []string{ch}, EventSource)
@@ -155,8 +217,27 @@ func TestPoisonIsDeadLetteredWithReason(t *testing.T) {
 		{Channel: ch, Body: bytes.Repeat([]byte("y"), 70<<10)},
 		valid(7),
 	}
+	last := 7
+	if m == stack.PushStream {
+		last = 8
+		msgs = append(msgs, Msg{Channel: ch, Body: []byte{}}, valid(last))
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(100 * time.Millisecond):
+					p.broker.Publish(Msg{Channel: "poison:traffic", Body: []byte("1")})
+				}
+			}
+		}()
+		defer func() { close(stop); <-done }()
+	}
 	p.broker.MustPublish(msgs...)
-	waitAll(t, subs, 7, 30*time.Second)
+	waitAll(t, subs, last, 30*time.Second)
 
 	want := map[string]string{
 		"no_channel":       "no channel header",
@@ -165,6 +246,9 @@ func TestPoisonIsDeadLetteredWithReason(t *testing.T) {
 		"nginx_413":        "40 KiB body",
 		"invalid_header":   "header injection",
 		"body_too_large":   "70 KiB body",
+	}
+	if m == stack.PushStream {
+		want["nginx_400"] = "empty body"
 	}
 	var dead []amqp.Delivery
 	waitFor(t, "6 dead letters", 10*time.Second, func() bool {
@@ -194,26 +278,35 @@ func TestPoisonIsDeadLetteredWithReason(t *testing.T) {
 
 // faultTest streams messages, runs fault in the middle, and checks that
 // every subscriber still got every message in order.
-func faultTest(t *testing.T, host string, fault func(p *pipeline)) {
-	p := newPipeline(t, host, RelayOptions{})
+// Each module runs it in its own subtest.
+func faultTest(t *testing.T, host string, fault func(t *testing.T, p *pipeline)) {
+	eachModule(t, func(t *testing.T, m stack.Module) { faultTestOn(t, m, host, fault) })
+}
+
+func faultTestOn(t *testing.T, m stack.Module, host string, fault func(t *testing.T, p *pipeline)) {
+	p := newPipeline(t, m, host, RelayOptions{})
 	chans := channels(host, 20)
-	subs := subscribeAll(t, p.nginx, chans, EventSource, WebSocket, LongPoll)
+	subs := subscribeAll(t, p.nginx, chans, kindsOn(m)...)
 
 	const perChannel, rate = 150, 300 // 3000 messages over ~10 s
 	wait := streamPublish(p.broker, chans, perChannel, rate)
 	time.Sleep(3 * time.Second)
-	fault(p)
+	fault(t, p)
 	if err := wait(); err != nil {
 		t.Fatal(err)
 	}
 	dups := waitAll(t, subs, perChannel, 60*time.Second)
-	t.Logf("%s: %d duplicates delivered, %d messages re-sent by the producer, %v redelivered by RabbitMQ",
-		host, dups, p.broker.Resent, p.relay.Metric("pushrelay_messages_redelivered_total"))
+	t.Logf("%s on %s: %d duplicates delivered, %d messages re-sent by the producer, %v redelivered by RabbitMQ",
+		host, m, dups, p.broker.Resent, p.relay.Metric("pushrelay_messages_redelivered_total"))
 }
 
-// Issue 2, test 3: Nginx down for 5 s mid-stream; nothing is lost.
+// Issue 2, test 3: Nginx down for 5 s mid-stream; nothing is lost. A
+// restart empties both modules' stores; the subscribers resume on the new
+// instance from what it stored since they lost the connection (Nchan: an id
+// older than its buffer replays it all; Push Stream: by If-Modified-Since,
+// see Subscriber.pushStreamResume).
 func TestNginxOutageLosesNothing(t *testing.T) {
-	faultTest(t, "it-nginx-outage", func(p *pipeline) {
+	faultTest(t, "it-nginx-outage", func(t *testing.T, p *pipeline) {
 		p.nginx.Stop()
 		waitFor(t, "readyz to report the publisher down", 5*time.Second, func() bool {
 			return p.relay.Metric("pushrelay_publisher_reachable") == 0
@@ -225,7 +318,7 @@ func TestNginxOutageLosesNothing(t *testing.T) {
 
 // Issue 2, test 4: the relay is SIGKILLed mid-stream and restarted.
 func TestRelayKillLosesNothing(t *testing.T) {
-	faultTest(t, "it-relay-kill", func(p *pipeline) {
+	faultTest(t, "it-relay-kill", func(t *testing.T, p *pipeline) {
 		p.relay.Kill()
 		time.Sleep(time.Second)
 		p.relay.Start()
@@ -235,7 +328,7 @@ func TestRelayKillLosesNothing(t *testing.T) {
 // Issue 2, test 5: every AMQP connection is closed by the broker
 // mid-stream; the relay reconnects and nothing is lost.
 func TestBrokerClosesConnections(t *testing.T) {
-	faultTest(t, "it-amqp-close", func(p *pipeline) {
+	faultTest(t, "it-amqp-close", func(t *testing.T, p *pipeline) {
 		rabbitmqctl(t, "close_all_connections", "pushrelay integration test")
 		waitFor(t, "the relay to reconnect", 30*time.Second, func() bool {
 			return p.relay.Metric("pushrelay_amqp_reconnects_total") >= 1 &&

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
 // Kind is how a browser subscribes.
@@ -30,13 +32,16 @@ const (
 type Subscriber struct {
 	Channel string
 	Kind    Kind
+	module  stack.Module
 	base    string // http://127.0.0.1:port
 
 	mu         sync.Mutex
-	got        []int // message bodies (sequence numbers) in arrival order
+	got        []int    // message bodies (sequence numbers) in arrival order
+	ids        []string // the SSE id of each message ("" when none)
 	arrivals   []time.Time
-	lastID     string // SSE / WebSocket resume id
-	lastMod    string // long-poll validators
+	lostAt     time.Time // when the last open connection ended
+	lastID     string    // SSE / WebSocket resume id
+	lastMod    string    // long-poll validators
 	etag       string
 	connected  bool
 	reconnects int
@@ -47,7 +52,7 @@ type Subscriber struct {
 // subscribe starts a subscriber owned by the test: it stops at cleanup.
 func subscribe(t testing.TB, n *Nginx, channel string, kind Kind) *Subscriber {
 	t.Helper()
-	s := &Subscriber{Channel: channel, Kind: kind, base: n.URL("")}
+	s := &Subscriber{Channel: channel, Kind: kind, module: n.Module, base: n.URL("")}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -106,6 +111,9 @@ func (s *Subscriber) run(ctx context.Context) {
 		}
 		hangup()
 		s.mu.Lock()
+		if s.connected {
+			s.lostAt = time.Now()
+		}
 		s.connected = false
 		if ctx.Err() == nil && err != nil {
 			s.reconnects++
@@ -125,11 +133,32 @@ func (s *Subscriber) record(body string, id string, gen int) {
 	}
 	s.mu.Lock()
 	s.got = append(s.got, v)
+	s.ids = append(s.ids, id)
 	s.arrivals = append(s.arrivals, time.Now())
 	if id != "" && gen == s.gen {
 		s.lastID = id
 	}
 	s.mu.Unlock()
+}
+
+// pushStreamResume sets what a Push Stream subscriber sends when it
+// reconnects. Last-Event-Id alone is not enough there: an id the module
+// does not know (evicted, or from before an Nginx restart wiped its memory)
+// replays nothing and says nothing (publisher-protocols.md §2). So, as
+// clients other than browsers can, it also asks for everything stored since
+// a second before the connection was lost: If-Modified-Since with
+// If-None-Match 0. The module replays from whichever matches first, so the
+// worst case is a duplicate, never a gap.
+func (s *Subscriber) pushStreamResume(h http.Header) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.lastID != "" {
+		h.Set("Last-Event-Id", s.lastID)
+	}
+	if s.reconnects > 0 {
+		h.Set("If-Modified-Since", s.lostAt.Add(-time.Second).UTC().Format(http.TimeFormat))
+		h.Set("If-None-Match", "0")
+	}
 }
 
 // resumeID is the id to resume from. Before any message it is an id older
@@ -150,7 +179,9 @@ func (s *Subscriber) resumeID() string {
 func (s *Subscriber) eventSource(ctx context.Context, base string, gen int) error {
 	req, _ := http.NewRequestWithContext(ctx, "GET", base+"/ev/"+s.Channel, nil)
 	req.Header.Set("Accept", "text/event-stream")
-	if id := s.resumeID(); id != "" {
+	if s.module == stack.PushStream {
+		s.pushStreamResume(req.Header)
+	} else if id := s.resumeID(); id != "" {
 		req.Header.Set("Last-Event-Id", id)
 	}
 	resp, err := http.DefaultClient.Do(req)
@@ -191,12 +222,20 @@ func (s *Subscriber) eventSource(ctx context.Context, base string, gen int) erro
 
 func (s *Subscriber) webSocket(ctx context.Context, base string, gen int) error {
 	url := "ws" + strings.TrimPrefix(base, "http") + "/ws/" + s.Channel
-	if id := s.resumeID(); id != "" {
-		url += "?last_event_id=" + id
+	opts := &websocket.DialOptions{HTTPHeader: http.Header{}}
+	if s.module == stack.PushStream {
+		// Frames are the bare body (template ~text~): no id to resume
+		// from, so it resumes by time.
+		s.pushStreamResume(opts.HTTPHeader)
+	} else {
+		if id := s.resumeID(); id != "" {
+			url += "?last_event_id=" + id
+		}
+		// ws+meta.nchan prefixes each frame with its id, which makes
+		// resuming after a reconnect possible.
+		opts.Subprotocols = []string{"ws+meta.nchan"}
 	}
-	// ws+meta.nchan prefixes each frame with its id, which makes resuming
-	// after a reconnect possible.
-	c, _, err := websocket.Dial(ctx, url, &websocket.DialOptions{Subprotocols: []string{"ws+meta.nchan"}})
+	c, _, err := websocket.Dial(ctx, url, opts)
 	if err != nil {
 		return err
 	}
@@ -209,6 +248,10 @@ func (s *Subscriber) webSocket(ctx context.Context, base string, gen int) error 
 		_, frame, err := c.Read(ctx)
 		if err != nil {
 			return err
+		}
+		if s.module == stack.PushStream {
+			s.record(string(frame), "", gen)
+			continue
 		}
 		meta, body, _ := strings.Cut(string(frame), "\n\n")
 		var id string
@@ -262,6 +305,14 @@ func (s *Subscriber) longPoll(ctx context.Context, base string, gen int) error {
 	}
 }
 
+// IDs returns the SSE id of each message that arrived so far, in the order
+// of Got.
+func (s *Subscriber) IDs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.ids...)
+}
+
 // Got returns a copy of what arrived so far.
 func (s *Subscriber) Got() []int {
 	s.mu.Lock()
@@ -307,10 +358,8 @@ func waitSubscribed(t testing.TB, n *Nginx, subs []*Subscriber) {
 		for _, s := range subs {
 			if !slices.Contains(s.Got(), 0) {
 				ready = false
-				resp, err := http.Post(n.URL("/pub?id="+s.Channel), "text/plain", strings.NewReader("0"))
-				if err == nil {
-					resp.Body.Close()
-				}
+				n.Publish(s.Channel, "0") // retried until it arrives
+
 			}
 		}
 		if !ready {

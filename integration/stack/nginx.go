@@ -30,7 +30,31 @@ func RepoRoot() string {
 }
 
 // NchanSnippet is the project's Nchan server-block snippet.
-func NchanSnippet() string { return filepath.Join(RepoRoot(), "nginx", "pushrelay-nchan.conf") }
+func NchanSnippet() string { return Nchan.snippet("") }
+
+// VendorDir holds the pinned third-party sources the Push Stream build
+// needs; it sits next to the checkout and exists only on some machines.
+func VendorDir() string { return filepath.Join(filepath.Dir(RepoRoot()), "shared", "vendor") }
+
+// PushStreamNginx is the nginx binary with the Push Stream module built in,
+// from `make pushstream` (integration/pushstream.mk), or
+// $PUSHRELAY_PUSHSTREAM_NGINX. The error says why there is none.
+func PushStreamNginx() (string, error) {
+	if p := os.Getenv("PUSHRELAY_PUSHSTREAM_NGINX"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("PUSHRELAY_PUSHSTREAM_NGINX: %w", err)
+		}
+		return p, nil
+	}
+	bin := filepath.Join(RepoRoot(), ".build", "pushstream", "nginx", "sbin", "nginx")
+	if _, err := os.Stat(bin); err == nil {
+		return bin, nil
+	}
+	if _, err := os.Stat(VendorDir()); err != nil {
+		return "", fmt.Errorf("no nginx with Push Stream: %s is absent, so there is nothing to build it from (Debian does not ship the module)", VendorDir())
+	}
+	return "", fmt.Errorf("no nginx with Push Stream: %s is not built (run `make pushstream`)", bin)
+}
 
 // Module is the publish/subscribe module an Nginx instance runs.
 type Module string
@@ -46,15 +70,44 @@ const (
 // Dialect is the relay's [push] dialect for the module.
 func (m Module) Dialect() string { return string(m) }
 
+// Nginx is the binary that runs the module: Debian's for Nchan (loaded as a
+// dynamic module), the static build for Push Stream.
+func (m Module) Nginx() (string, error) {
+	if m == PushStream {
+		return PushStreamNginx()
+	}
+	return "nginx", nil
+}
+
+// Accepted reports whether a publish status means the module took the
+// message: Push Stream answers 200; Nchan 201 (someone listening) or 202.
+func (m Module) Accepted(status int) bool {
+	if m == PushStream {
+		return status == 200
+	}
+	return status == 201 || status == 202
+}
+
+// snippet is the project's nginx/pushrelay-<module><suffix>.conf: suffix ""
+// for the server-block snippet, "-http" for the http-level one.
+func (m Module) snippet(suffix string) string {
+	if m == "" {
+		m = Nchan
+	}
+	return filepath.Join(RepoRoot(), "nginx", "pushrelay-"+string(m)+suffix+".conf")
+}
+
 // NginxOptions shape the generated nginx.conf.
 type NginxOptions struct {
 	Module  Module   // default Nchan
 	Dir     string   // prefix directory (created by the caller; holds conf, pid, logs)
 	Listen  string   // address:port; default 127.0.0.1 and a free port
 	Workers int      // worker_processes; default 2
-	Modules []string // load_module paths; nil means the Nchan module, empty none
+	Modules []string // load_module paths; nil means the module's (Nchan's .so; none for the static Push Stream)
 	HTTP    string   // directives at http{} level
-	Server  string   // directives inside server{}; default: include the Nchan snippet
+	// Server are the directives inside server{}. Empty means the project's
+	// snippets for Module: the server one here, the http-level one in http{}.
+	Server string
 	// CgroupFD, if positive, starts the master in that cgroup v2 directory
 	// (CLONE_INTO_CGROUP), so its workers are born there too.
 	CgroupFD int
@@ -64,6 +117,8 @@ type NginxOptions struct {
 type Nginx struct {
 	Addr   string // 127.0.0.1:port
 	Prefix string
+	Module Module
+	bin    string
 	conf   string
 	opts   NginxOptions
 	cmd    *exec.Cmd
@@ -82,18 +137,26 @@ func StartNginx(o NginxOptions) (*Nginx, error) {
 	if o.Workers == 0 {
 		o.Workers = 2
 	}
-	if o.Modules == nil {
+	if o.Module == "" {
+		o.Module = Nchan
+	}
+	bin, err := o.Module.Nginx()
+	if err != nil {
+		return nil, err
+	}
+	if o.Modules == nil && o.Module == Nchan {
 		o.Modules = []string{NchanModule}
 	}
 	if o.Server == "" {
-		o.Server = "include " + NchanSnippet() + ";"
+		o.HTTP = "include " + o.Module.snippet("-http") + ";\n" + o.HTTP
+		o.Server = "include " + o.Module.snippet("") + ";"
 	}
 	for _, m := range o.Modules {
 		if _, err := os.Stat(m); err != nil {
 			return nil, fmt.Errorf("nginx module %s missing (run `make deps`): %w", m, err)
 		}
 	}
-	n := &Nginx{Addr: o.Listen, Prefix: o.Dir, conf: filepath.Join(o.Dir, "nginx.conf"), opts: o}
+	n := &Nginx{Addr: o.Listen, Prefix: o.Dir, Module: o.Module, bin: bin, conf: filepath.Join(o.Dir, "nginx.conf"), opts: o}
 	var conf strings.Builder
 	for _, m := range o.Modules {
 		fmt.Fprintf(&conf, "load_module %s;\n", m)
@@ -130,7 +193,7 @@ http {
 
 // Start (re)starts the instance and waits until it answers HTTP.
 func (n *Nginx) Start() error {
-	cmd := exec.Command("nginx", "-p", n.Prefix, "-c", n.conf, "-e", filepath.Join(n.Prefix, "error.log"))
+	cmd := exec.Command(n.bin, "-p", n.Prefix, "-c", n.conf, "-e", filepath.Join(n.Prefix, "error.log"))
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	// Pdeathsig: a crashed test or demo must not leave nginx behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
@@ -211,7 +274,7 @@ func (n *Nginx) Publish(channel, body string) error {
 		return err
 	}
 	resp.Body.Close()
-	if resp.StatusCode != 201 && resp.StatusCode != 202 {
+	if !n.Module.Accepted(resp.StatusCode) {
 		return fmt.Errorf("publish to %s: status %d", channel, resp.StatusCode)
 	}
 	return nil

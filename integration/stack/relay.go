@@ -23,11 +23,13 @@ type RelayConfig struct {
 	Exchange    string
 	Queue       string // [amqp] queue; empty: the relay's default, pushrelay.<host>
 	Publish     string // [push] url
+	Dialect     string // [push] dialect; default "nchan"
 	Prefetch    int    // default 1024
 	Connections int    // default 4
 	Pipeline    int    // default 16
 	MaxBody     int    // default 32768
 	Probes      string // the [probes] table's keys; default "enabled = false"
+	Push        string // more [push] keys, e.g. retry_budget = "3s"
 	Extra       string // more TOML, appended as is
 }
 
@@ -50,13 +52,14 @@ url = %q
 exchange = %q
 %sprefetch = %d
 [push]
-dialect = "nchan"
+dialect = %q
 url = %q
 connections = %d
 pipeline = %d
 timeout = "2s"
 retry_max = "500ms"
 max_body = %d
+%s
 [metrics]
 listen = %q
 [log]
@@ -64,8 +67,8 @@ level = "info"
 format = "text"
 [probes]
 %s
-%s`, c.Host, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
-		def(c.MaxBody, 32768), metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
+%s`, c.Host, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
+		def(c.MaxBody, 32768), c.Push, metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
 }
 
 // Relay is the pushrelay binary running with a generated config.

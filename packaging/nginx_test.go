@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pushrelay/pushrelay/integration/stack"
 	"github.com/pushrelay/pushrelay/sidecar/config"
 )
 
@@ -72,12 +73,13 @@ func TestNchanSnippetsPassNginxT(t *testing.T) {
 	}
 }
 
-// Push Stream is not in Debian: set PUSHRELAY_PUSHSTREAM_NGINX to an nginx
-// built with it (nginx/README.md) to check that snippet too.
+// Push Stream is not in Debian: this runs the nginx `make pushstream` builds
+// from ../shared/vendor (static), or PUSHRELAY_PUSHSTREAM_NGINX, with
+// PUSHRELAY_PUSHSTREAM_MODULE naming a dynamic module to load if it is one.
 func TestPushStreamSnippetsPassNginxT(t *testing.T) {
-	nginx := os.Getenv("PUSHRELAY_PUSHSTREAM_NGINX")
-	if nginx == "" {
-		t.Skip("PUSHRELAY_PUSHSTREAM_NGINX unset: no nginx with the Push Stream module to test with (not in Debian)")
+	nginx, err := stack.PushStreamNginx()
+	if err != nil {
+		t.Skip(err)
 	}
 	out, err := nginxTest(t, nginx, os.Getenv("PUSHRELAY_PUSHSTREAM_MODULE"), "nginx/pushrelay-pushstream-http.conf", "nginx/pushrelay-pushstream.conf")
 	if err != nil {

@@ -265,7 +265,14 @@ type Msg struct {
 	Type    string
 	Headers amqp.Table // extra headers
 	Count   int        // shard count, default 1024
+	// ContentType is the content_type property: "" sends text/plain, as
+	// most producers do; noContentType sends none, to test the relay's
+	// default.
+	ContentType string
 }
+
+// noContentType as Msg.ContentType publishes without a content_type.
+const noContentType = "-"
 
 // Publish sends messages and returns once the broker confirmed them all.
 // If the connection is lost on the way, it reconnects and sends the whole
@@ -302,9 +309,16 @@ func (b *Broker) publishOnce(msgs []Msg) error {
 		for k, v := range m.Headers {
 			headers[k] = v
 		}
+		contentType := m.ContentType
+		switch contentType {
+		case "":
+			contentType = "text/plain"
+		case noContentType:
+			contentType = ""
+		}
 		key := strconv.Itoa(shard.Of(m.Channel, count))
 		err := b.ch.PublishWithContext(context.Background(), b.Exchange, key, false, false, amqp.Publishing{
-			Headers: headers, MessageId: m.ID, Type: m.Type, ContentType: "text/plain",
+			Headers: headers, MessageId: m.ID, Type: m.Type, ContentType: contentType,
 			DeliveryMode: amqp.Persistent, Body: m.Body,
 		})
 		if err != nil {

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Mutation check for the integration suite: plant one known bug at a time
+# and see which test catches it.
+#
+#   scripts/mutants.sh [-k] [-no-baseline] [NAME...]   (default: every scripts/mutants/*.patch)
+#
+# For each mutant scripts/mutants/NAME.patch, a throwaway `git worktree` of
+# HEAD is made under /tmp, the patch applied there and the relay built from
+# it. The tests named by the patch's "# tests: REGEX" line then run from
+# this tree with PUSHRELAY_BIN set to the mutant binary: the integration
+# tests run the relay as a process, so the mutant is tested without
+# touching the working tree. A mutant is CAUGHT when a test fails on it
+# that passed on the unpatched HEAD (the baseline, run first with the same
+# tests), SURVIVED when every test passes. A patch that no longer applies
+# to HEAD is reported as STALE: regenerate it against the current code.
+#
+# -k keeps the worktrees and logs; -no-baseline trusts that the tests pass
+# on HEAD (faster, but a test broken on HEAD then "catches" everything).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export PATH=/usr/local/go/bin:$PATH
+
+keep=0 baseline=1
+names=()
+for a in "$@"; do
+	case $a in
+	-k) keep=1 ;;
+	-no-baseline) baseline=0 ;;
+	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+	-*) echo "unknown flag $a" >&2; exit 2 ;;
+	*) names+=("$a") ;;
+	esac
+done
+if [ ${#names[@]} -eq 0 ]; then
+	for p in scripts/mutants/*.patch; do names+=("$(basename "$p" .patch)"); done
+fi
+
+work=$(mktemp -d /tmp/pushrelay-mutants.XXXXXX)
+cleanup() {
+	for wt in "$work"/*/; do [ -d "$wt" ] && git worktree remove --force "$wt" 2>/dev/null; done
+	git worktree prune
+	if [ $keep = 0 ]; then rm -rf "$work"; else echo "kept $work"; fi
+}
+trap cleanup EXIT
+
+head=$(git rev-parse --short HEAD)
+echo "mutants against HEAD $head; work dir $work"
+
+# testsOf prints the test regex a patch names.
+testsOf() { sed -n 's/^# tests: *//p' "scripts/mutants/$1.patch" | head -1; }
+
+# build NAME [PATCH]: a worktree of HEAD, the patch applied, the relay
+# built, the worktree removed. Prints the binary's path; returns 3 if the
+# patch does not apply, 4 if the mutant does not build.
+build() {
+	local name=$1 patch=${2:-} wt="$work/$1" rc=0
+	git worktree add -q --detach "$wt" HEAD
+	if [ -n "$patch" ] && ! git -C "$wt" apply --check "$root/$patch" 2>"$work/$name.apply"; then
+		rc=3
+	else
+		[ -z "$patch" ] || git -C "$wt" apply "$root/$patch"
+		(cd "$wt" && go build -o "$work/$name.bin" ./sidecar/cmd/pushrelay) >"$work/$name.build" 2>&1 || rc=4
+	fi
+	git worktree remove --force "$wt"
+	[ $rc = 0 ] && echo "$work/$name.bin"
+	return $rc
+}
+
+# runTests BIN REGEX LOG: the integration tests matching REGEX against BIN.
+# Prints the failed (sub)tests, one a line.
+runTests() {
+	local bin=$1 regex=$2 log=$3
+	PUSHRELAY_BIN=$bin go test -count=1 -p 1 -timeout 20m -v -run "$regex" ./integration/ >"$log" 2>&1 || true
+	grep -E '^\s*--- FAIL: ' "$log" | sed -E 's/^\s*--- FAIL: ([^ ]+).*/\1/' || true
+}
+
+declare -A failsOnHead=()
+if [ $baseline = 1 ]; then
+	regexes=()
+	for n in "${names[@]}"; do
+		[ -f "scripts/mutants/$n.patch" ] && r=$(testsOf "$n") && [ -n "$r" ] && regexes+=("$r")
+	done
+	all=$(IFS='|'; echo "${regexes[*]}")
+	echo "== baseline: HEAD unpatched, tests $all"
+	bin=$(build baseline) || { echo "baseline: HEAD does not build:"; cat "$work/baseline.build"; exit 1; }
+	while read -r t; do [ -n "$t" ] && failsOnHead[$t]=1 && echo "   fails on HEAD (ignored below): $t"; done < <(runTests "$bin" "$all" "$work/baseline.log")
+	[ ${#failsOnHead[@]} = 0 ] && echo "   every test passes on HEAD"
+fi
+
+declare -A result=() by=()
+for n in "${names[@]}"; do
+	patch="scripts/mutants/$n.patch"
+	if [ ! -f "$patch" ]; then result[$n]="MISSING"; continue; fi
+	regex=$(testsOf "$n")
+	if [ -z "$regex" ]; then result[$n]="NO '# tests:' LINE"; continue; fi
+	echo "== $n: tests $regex"
+	set +e
+	bin=$(build "$n" "$patch")
+	rc=$?
+	set -e
+	case $rc in
+	0) ;;
+	3)
+		result[$n]="STALE"
+		by[$n]="patch no longer applies to HEAD $head: regenerate it ($(head -c 200 "$work/$n.apply" | tr '\n' ' '))"
+		echo "   STALE: $patch no longer applies to HEAD; regenerate it against the current code"
+		continue ;;
+	*)
+		result[$n]="BUILD FAILED"
+		by[$n]=$(head -c 300 "$work/$n.build" | tr '\n' ' ')
+		echo "   the mutant does not build: $(cat "$work/$n.build")"
+		continue ;;
+	esac
+	caught=()
+	while read -r t; do
+		[ -n "$t" ] && [ -z "${failsOnHead[$t]:-}" ] && caught+=("$t")
+	done < <(runTests "$bin" "$regex" "$work/$n.log")
+	if [ ${#caught[@]} -gt 0 ]; then
+		result[$n]="CAUGHT"
+		by[$n]="${caught[*]}"
+	else
+		result[$n]="SURVIVED"
+		by[$n]="(ran: $regex)"
+	fi
+	echo "   ${result[$n]} ${by[$n]}"
+done
+
+echo
+printf '%-24s %-13s %s\n' MUTANT RESULT "CAUGHT BY (failing tests)"
+status=0
+for n in "${names[@]}"; do
+	printf '%-24s %-13s %s\n' "$n" "${result[$n]}" "${by[$n]:-}"
+	[ "${result[$n]}" = CAUGHT ] || status=1
+done
+exit $status

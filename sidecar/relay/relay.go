@@ -82,6 +82,10 @@ type Relay struct {
 	warn     *rateLimiter
 	now      int64 // unix ns, read at every tick: a delivery's arrival, to the tick
 	pubState publish.State
+	// pending is the work a reload left to do once nothing is in flight
+	// (a publisher rebuild, a reconnect). It outlives a session: a drop
+	// before it ran must not lose it.
+	pending func(abandoned bool) error
 }
 
 // New prepares a relay for cfg, which must be valid. level is the logger's
@@ -183,6 +187,11 @@ func (r *Relay) Run(ctx context.Context) error {
 		err = r.serve(ctx, sess)
 		r.consuming.Store(false)
 		sess.Close()
+		if err != nil && r.pending != nil {
+			// The session is gone, so nothing in flight can be acked any
+			// more: the broker delivers it again. Rebuild now.
+			r.runPending()
+		}
 		switch {
 		case err == nil:
 			return nil
@@ -277,12 +286,9 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 
 	deliveries := sess.Deliveries
 	var (
-		// afterQuiesce runs once nothing is in flight; deliveries are
+		// r.pending runs once nothing is in flight; deliveries are
 		// paused until then, or until quiesceTimer: a publisher that
-		// takes nothing must not keep its own fix from applying. Reloads
-		// that rebuild the publisher or the session use it so that
-		// nothing is published twice.
-		afterQuiesce func(abandoned bool) error
+		// takes nothing must not keep its own fix from applying.
 		quiesceTimer <-chan time.Time
 		stopping     bool
 		stopTimer    <-chan time.Time
@@ -292,13 +298,13 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 		if err := r.flushAcks(s, false); err != nil {
 			return err
 		}
-		err := afterQuiesce(abandoned)
-		afterQuiesce, quiesceTimer = nil, nil
+		err := r.pending(abandoned)
+		r.pending, quiesceTimer = nil, nil
 		deliveries = sess.Deliveries
 		return err
 	}
 	for {
-		if (afterQuiesce != nil || stopping) && r.inFlight.Load() == 0 && s.deadPending == 0 {
+		if (r.pending != nil || stopping) && r.inFlight.Load() == 0 && s.deadPending == 0 {
 			if stopping {
 				if err := r.flushAcks(s, false); err != nil {
 					return err
@@ -338,12 +344,12 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 				return err
 			}
 			if action != nil && !stopping {
-				if afterQuiesce != nil { // a second reload: do the first one's work too
-					action = chain(afterQuiesce, action)
+				if r.pending != nil { // a second reload: do the first one's work too
+					action = chain(r.pending, action)
 				} else {
 					quiesceTimer = time.After(r.cfg.ShutdownTimeout.D())
 				}
-				afterQuiesce = action
+				r.pending = action
 				deliveries = nil
 			}
 		case <-quiesceTimer:
@@ -356,7 +362,7 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			return fmt.Errorf("closed by broker or network: %w", e)
 		case <-done:
 			stopping, done, deliveries = true, nil, nil
-			afterQuiesce, quiesceTimer = nil, nil // a new config is moot now
+			quiesceTimer = nil // a rebuild waits for the next start
 			stopTimer = time.After(r.cfg.ShutdownTimeout.D())
 			if err := sess.Cancel(); err != nil {
 				r.log.Warn("cancel consumer", "err", err)
@@ -549,21 +555,29 @@ func (r *Relay) waitApplyingReloads(ctx context.Context, d time.Duration) bool {
 		select {
 		case next := <-r.reloads:
 			action, err := r.apply(nil, next)
-			if err == nil && action != nil {
-				// Nothing in flight can still be acked: its session is gone
-				// and the broker will deliver it again. So rebuild now.
-				if err = action(true); errors.Is(err, errReconnect) {
-					err = nil // about to connect anyway
-				}
-			}
 			if err != nil {
 				r.log.Warn("applying config while disconnected", "err", err)
+			}
+			if action != nil {
+				// Nothing in flight can still be acked: its session is gone
+				// and the broker will deliver it again. So rebuild now.
+				r.pending = action
+				r.runPending()
 			}
 		case <-t.C:
 			return true
 		case <-ctx.Done():
 			return false
 		}
+	}
+}
+
+// runPending runs a reload's pending work while disconnected.
+func (r *Relay) runPending() {
+	err := r.pending(true)
+	r.pending = nil
+	if err != nil && !errors.Is(err, errReconnect) { // about to connect anyway
+		r.log.Warn("applying config while disconnected", "err", err)
 	}
 }
 

@@ -16,8 +16,9 @@ import (
 const slowRate = 40
 
 func slowPublisher() (http, server string) {
-	return "limit_req_zone $uri zone=pr_slow:1m rate=" + strconv.Itoa(slowRate) + "r/s;",
-		"limit_req zone=pr_slow burst=100000;"
+	// limit_req at http level: the shipped /pub is in a server of its own.
+	return "limit_req_zone $uri zone=pr_slow:1m rate=" + strconv.Itoa(slowRate) + "r/s;\n" +
+		"limit_req zone=pr_slow burst=100000;", ""
 }
 
 // Issue 12: a clean stop (SIGTERM, as `systemctl stop` and every package
@@ -77,6 +78,44 @@ func TestCleanStopLosesNothingAndRepeatsNothing(t *testing.T) {
 		})
 		if r := p.relay.Metric("pushrelay_messages_redelivered_total"); r != 0 {
 			t.Errorf("pushrelay_messages_redelivered_total = %v after a clean stop, want 0", r)
+		}
+	})
+}
+
+// Issue 12: a clean stop while Nginx is down. Nothing can be published
+// before the shutdown deadline, so everything delivered must be left
+// unacked for the next start; acking it on the way out loses it all.
+func TestCleanStopWithNginxDownLosesNothing(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		host := uniqueHost("it-stop-nginx-down-" + string(m))
+		queue := "pushrelay." + host
+		p := newPipeline(t, m, host, RelayOptions{})
+		const ch, total = "stopdown:1", 50
+		p.nginx.Quit()
+		for seq := 1; seq <= total; seq++ {
+			p.broker.MustPublish(seqMsgs([]string{ch}, seq)...)
+		}
+		waitFor(t, "every message delivered to the relay", 10*time.Second, func() bool {
+			return p.relay.Metric("pushrelay_messages_in_flight") == total
+		})
+		p.relay.Stop()
+		if depth := p.broker.QueueDepth(queue); depth != total {
+			t.Errorf("%d of %d messages back in the queue after a stop with Nginx down: the rest were acked unpublished", depth, total)
+		}
+
+		p.nginx.Start()
+		sub := subscribe(t, p.nginx, ch, EventSource)
+		waitSubscribed(t, p.nginx, []*Subscriber{sub})
+		p.relay.Start()
+		dups, err := waitCheck(sub, total, 30*time.Second)
+		if err != nil {
+			t.Error(err)
+		}
+		if dups != 0 {
+			t.Errorf("%d duplicates: nothing was published before the stop", dups)
+		}
+		if r := p.relay.Metric("pushrelay_messages_redelivered_total"); r != total {
+			t.Errorf("pushrelay_messages_redelivered_total = %v, want %d: all of them were left unacked", r, total)
 		}
 	})
 }

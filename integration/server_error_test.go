@@ -1,32 +1,47 @@
 package integration
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
-// flakyPublisher is a publish location that answers 500 to the 23rd
-// request of each connection, before the module sees it, and hands every
-// other request to the shipped /pub. 500 is what a publisher out of
-// shared memory answers, and it closes the connection: whatever the relay
-// pipelined behind it was never read and must be sent again, in order.
-const flakyPublisher = `
-location = /flaky {
-    if ($pr_fail) {
-        return 500;
-    }
-    rewrite ^ /pub last;
-}
-`
-
-const flakyMap = `
+// flakyPublisher is a publisher server of the test's own, on addr, whose
+// /flaky answers 500 to the 23rd request of each connection before the
+// module sees it, and publishes every other request as the shipped /pub
+// does. 500 is what a publisher out of shared memory answers, and it closes
+// the connection: whatever the relay pipelined behind it was never read and
+// must be sent again, in order. (A server of its own: the shipped /pub
+// lives in the module's snippets, where a test cannot add a condition.)
+func flakyPublisher(m stack.Module, addr string) string {
+	// As the shipped /pub: Nchan's default buffer of 10 messages would
+	// evict what a slow long-poll subscriber has not fetched yet.
+	publish := "nchan_publisher http;\n        nchan_channel_id $arg_id;\n" +
+		"        nchan_message_buffer_length 200;\n        nchan_message_timeout 10m;"
+	if m == stack.PushStream {
+		publish = "push_stream_publisher admin;\n        push_stream_channels_path $arg_id;\n        push_stream_store_messages on;"
+	}
+	return fmt.Sprintf(`
 map $connection_requests $pr_fail {
     23      1;
     default 0;
 }
-`
+server {
+    listen %s;
+    location = /flaky {
+        if ($pr_fail) {
+            return 500;
+        }
+        %s
+        keepalive_requests 1000000;
+        client_max_body_size 32k;
+        client_body_buffer_size 32k;
+    }
+}
+`, addr, publish)
+}
 
 // Issue 12: Nginx answers 500 to about one publish request in 23 (the
 // relay reconnects after each, so no connection gets further); every
@@ -34,8 +49,15 @@ map $connection_requests $pr_fail {
 func TestServerErrorsLoseNothing(t *testing.T) {
 	eachModule(t, func(t *testing.T, m stack.Module) {
 		host := uniqueHost("it-5xx-" + string(m))
-		n := startNginxExtra(t, m, flakyMap, flakyPublisher)
-		p := pipelineOn(t, m, n, host, "/flaky", RelayOptions{})
+		port, err := stack.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		n := startNginxExtra(t, m, flakyPublisher(m, addr), "")
+		p := &pipeline{host: host, nginx: n, broker: newBroker(t, "pushrelay."+host)}
+		p.relay = startRelay(t, RelayOptions{Host: host, Exchange: p.broker.Exchange, Dialect: m.Dialect(),
+			Publish: "http://" + addr + "/flaky?id={channel}"})
 		chans := channels("fivexx", 12)
 		kinds := []Kind{EventSource, WebSocket, LongPoll}
 		if m == stack.PushStream {

@@ -69,11 +69,18 @@ build() {
 }
 
 # runTests BIN REGEX LOG: the integration tests matching REGEX against BIN.
-# Prints the failed (sub)tests, one a line.
+# Prints the failed (sub)tests, one a line, or "!ERROR" when the tests did
+# not run to the end (build failure, panic, timeout): no verdict then.
 runTests() {
-	local bin=$1 regex=$2 log=$3
-	PUSHRELAY_BIN=$bin go test -count=1 -p 1 -timeout 20m -v -run "$regex" ./integration/ >"$log" 2>&1 || true
+	local bin=$1 regex=$2 log=$3 rc=0
+	PUSHRELAY_BIN=$bin go test -count=1 -p 1 -timeout 20m -v -run "$regex" ./integration/ >"$log" 2>&1 || rc=$?
+	if ! grep -qE '^(ok|FAIL)\s+github.com/' "$log" || grep -qE '^panic: |\[build failed\]|\[setup failed\]' "$log" ||
+		! grep -qE '^\s*--- (PASS|FAIL)' "$log"; then
+		echo "!ERROR"
+		return
+	fi
 	grep -E '^\s*--- FAIL: ' "$log" | sed -E 's/^\s*--- FAIL: ([^ ]+).*/\1/' || true
+	[ $rc = 0 ] || grep -qE '^\s*--- FAIL: ' "$log" || echo "!ERROR"
 }
 
 declare -A failsOnHead=()
@@ -82,10 +89,17 @@ if [ $baseline = 1 ]; then
 	for n in "${names[@]}"; do
 		[ -f "scripts/mutants/$n.patch" ] && r=$(testsOf "$n") && [ -n "$r" ] && regexes+=("$r")
 	done
-	all=$(IFS='|'; echo "${regexes[*]}")
+	all=$(printf '%s\n' "${regexes[@]}" | tr '|' '\n' | sort -u | paste -sd'|')
 	echo "== baseline: HEAD unpatched, tests $all"
 	bin=$(build baseline) || { echo "baseline: HEAD does not build:"; cat "$work/baseline.build"; exit 1; }
-	while read -r t; do [ -n "$t" ] && failsOnHead[$t]=1 && echo "   fails on HEAD (ignored below): $t"; done < <(runTests "$bin" "$all" "$work/baseline.log")
+	while read -r t; do
+		if [ "$t" = "!ERROR" ]; then
+			echo "baseline: the tests did not run to the end on HEAD; see $work/baseline.log"
+			keep=1
+			exit 1
+		fi
+		[ -n "$t" ] && failsOnHead[$t]=1 && echo "   fails on HEAD (ignored below): $t"
+	done < <(runTests "$bin" "$all" "$work/baseline.log")
 	[ ${#failsOnHead[@]} = 0 ] && echo "   every test passes on HEAD"
 fi
 
@@ -113,11 +127,16 @@ for n in "${names[@]}"; do
 		echo "   the mutant does not build: $(cat "$work/$n.build")"
 		continue ;;
 	esac
-	caught=()
+	caught=() errored=0
 	while read -r t; do
+		if [ "$t" = "!ERROR" ]; then errored=1; continue; fi
 		[ -n "$t" ] && [ -z "${failsOnHead[$t]:-}" ] && caught+=("$t")
 	done < <(runTests "$bin" "$regex" "$work/$n.log")
-	if [ ${#caught[@]} -gt 0 ]; then
+	if [ $errored = 1 ] && [ ${#caught[@]} = 0 ]; then
+		result[$n]="ERROR"
+		by[$n]="the tests did not run to the end (build failure, panic or timeout): $work/$n.log"
+		keep=1
+	elif [ ${#caught[@]} -gt 0 ]; then
 		result[$n]="CAUGHT"
 		by[$n]="${caught[*]}"
 	else

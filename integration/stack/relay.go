@@ -30,6 +30,7 @@ type RelayConfig struct {
 	MaxBody     int    // default 32768
 	Probes      string // the [probes] table's keys; default "enabled = false"
 	Push        string // more [push] keys, e.g. retry_budget = "3s"
+	StateDir    string // state_dir; default the config file's directory
 	Extra       string // more TOML, appended as is
 }
 
@@ -46,6 +47,7 @@ func (c RelayConfig) TOML(metricsAddr string) string {
 		queue = fmt.Sprintf("queue = %q\n", c.Queue)
 	}
 	return fmt.Sprintf(`host = %q
+state_dir = %q
 shutdown_timeout = "10s"
 [amqp]
 url = %q
@@ -67,7 +69,7 @@ level = "info"
 format = "text"
 [probes]
 %s
-%s`, c.Host, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
+%s`, c.Host, c.StateDir, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
 		def(c.MaxBody, 32768), c.Push, metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
 }
 
@@ -112,6 +114,9 @@ func NewRelay(bin, dir string, cfg RelayConfig) (*Relay, error) {
 
 // WriteConfig replaces the config file; Reload makes the relay read it.
 func (r *Relay) WriteConfig(cfg RelayConfig) error {
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Dir(r.Config) // a test's own, never /var/lib
+	}
 	return os.WriteFile(r.Config, []byte(cfg.TOML(r.MetricsAddr)), 0o644)
 }
 

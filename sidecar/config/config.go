@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/pushrelay/pushrelay/sidecar/publish"
 	"github.com/pushrelay/pushrelay/sidecar/shard"
@@ -28,6 +29,7 @@ const EnvAMQPURL = "PUSHRELAY_AMQP_URL"
 // Config is the whole file. Field docs live in packaging/pushrelay.toml.
 type Config struct {
 	Host            string   `toml:"host"`
+	StateDir        string   `toml:"state_dir"`
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 	MaxProcs        int      `toml:"max_procs"`
 	AMQP            AMQP     `toml:"amqp"`
@@ -124,6 +126,7 @@ func Default() Config {
 	host, _ := os.Hostname()
 	return Config{
 		Host:            host,
+		StateDir:        "/var/lib/pushrelay",
 		ShutdownTimeout: Duration(10 * time.Second),
 		MaxProcs:        1,
 		AMQP: AMQP{
@@ -299,6 +302,11 @@ func (c *Config) Validate() error {
 	if c.AMQP.URL != "" && c.AMQP.URLFile != "" {
 		bad("amqp.url_file", "set either amqp.url or amqp.url_file, not both")
 	}
+	if c.AMQP.URL != "" {
+		if err := CheckAMQPURL(c.AMQP.URL); err != nil {
+			bad("amqp.url", "%v", err)
+		}
+	}
 	if c.Push.Dialect != DialectPushStream && c.Push.Dialect != DialectNchan {
 		bad("push.dialect", "must be %q or %q, got %q", DialectPushStream, DialectNchan, c.Push.Dialect)
 	}
@@ -383,6 +391,20 @@ func (c *Config) AMQPURL() (string, error) {
 		return os.Getenv(EnvAMQPURL), nil
 	}
 	return "amqp://guest:guest@127.0.0.1:5672/", nil
+}
+
+// CheckAMQPURL parses an AMQP URL as the connection will. Its error never
+// quotes the URL: url.Parse's would, password and all.
+func CheckAMQPURL(raw string) error {
+	if _, err := amqp.ParseURI(raw); err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			return errors.New("does not parse (not shown: it holds the password); " +
+				"percent-encode %, /, @, : and # in the user and password")
+		}
+		return err
+	}
+	return nil
 }
 
 // Redact hides the password of an AMQP URL for logs.

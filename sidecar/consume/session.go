@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strconv"
 	"time"
 
@@ -27,6 +28,9 @@ const (
 	// ReasonHeader carries why a message was dead-lettered.
 	ReasonHeader = "x-pushrelay-reason"
 )
+
+// ErrQueueTaken: another consumer holds the host's queue.
+var ErrQueueTaken = errors.New("another consumer holds the queue")
 
 // Options configure a Session.
 type Options struct {
@@ -56,6 +60,9 @@ type Session struct {
 	DeadLettered <-chan CopyResult
 	// Closed receives once when either connection or any channel closes.
 	Closed <-chan *amqp.Error
+	// Mismatches says which queues exist with other arguments than asked
+	// for, and are used as they are.
+	Mismatches []string
 }
 
 // Open connects, declares the topology and starts consuming. bound lists
@@ -74,6 +81,16 @@ func Open(ctx context.Context, o Options, count int, bound func(shard int) bool)
 	return s, nil
 }
 
+// Try connects to url and hangs up: whether a new broker URL works, tried
+// before it replaces one that does.
+func Try(ctx context.Context, url string, timeout time.Duration) error {
+	conn, err := dial(ctx, Options{URL: url, Timeout: timeout}, "pushrelay-check")
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}
+
 func dial(ctx context.Context, o Options, name string) (*amqp.Connection, error) {
 	conn, err := amqp.DialConfig(o.URL, amqp.Config{
 		Heartbeat: o.Heartbeat,
@@ -90,9 +107,20 @@ func dial(ctx context.Context, o Options, name string) (*amqp.Connection, error)
 		Properties: amqp.Table{"connection_name": name},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("dial: %w", err)
+		return nil, fmt.Errorf("dial: %w", SafeURLError(err))
 	}
 	return conn, nil
+}
+
+// SafeURLError replaces an error from parsing an AMQP URL, which quotes the
+// URL and so the password (or a piece of it), with one that quotes nothing.
+func SafeURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return errors.New("the AMQP URL does not parse (not shown: it holds the password); " +
+			"percent-encode %, /, @, : and # in the user and password")
+	}
+	return err
 }
 
 func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) error {
@@ -105,7 +133,7 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 		return fmt.Errorf("open control channel: %w", err)
 	}
 	s.ctl.NotifyClose(forward(closed))
-	if err := s.declare(); err != nil {
+	if err := s.declare(ctx); err != nil {
 		return err
 	}
 	for shard := 0; shard < count; shard++ {
@@ -125,7 +153,15 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 	if err := s.consume.Qos(s.opts.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("qos: %w", err)
 	}
-	s.Deliveries, err = s.consume.Consume(s.opts.Queue, s.opts.Consumer, false, false, false, false, nil)
+	// Exclusive: a second relay with the same host (a cloned VM, a copied
+	// config) must not split the queue with the first, silently halving
+	// what each frontend's browsers get. It is refused, stays not ready
+	// and keeps trying, so it takes over if the first one goes away.
+	s.Deliveries, err = s.consume.Consume(s.opts.Queue, s.opts.Consumer, false, true, false, false, nil)
+	var ae *amqp.Error
+	if errors.As(err, &ae) && ae.Code == amqp.AccessRefused {
+		return fmt.Errorf("%w: queue %s (%s): is another relay running with the same host?", ErrQueueTaken, s.opts.Queue, ae.Reason)
+	}
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", s.opts.Queue, err)
 	}
@@ -175,7 +211,7 @@ func openChannel(ctx context.Context, conn *amqp.Connection, timeout time.Durati
 	}
 }
 
-func (s *Session) declare() error {
+func (s *Session) declare(ctx context.Context) error {
 	o := s.opts
 	if err := s.ctl.ExchangeDeclare(o.Exchange, amqp.ExchangeDirect, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("declare exchange %s: %w", o.Exchange, err)
@@ -187,18 +223,67 @@ func (s *Session) declare() error {
 	if o.DeadMaxLen > 0 {
 		deadArgs["x-max-length"] = int64(o.DeadMaxLen)
 	}
-	if _, err := s.ctl.QueueDeclare(DeadLetterQueue, true, false, false, false, deadArgs); err != nil {
-		return fmt.Errorf("declare queue %s: %w", DeadLetterQueue, err)
+	// pushrelay.dead is shared by every frontend: the first to create it
+	// sets its arguments, and the others use it as it is, so that two
+	// frontends' dead_letter_max_length can never keep either offline.
+	if exists, err := s.queueExists(ctx, DeadLetterQueue); err != nil {
+		return err
+	} else if !exists {
+		if err := s.declareQueue(ctx, DeadLetterQueue, deadArgs); err != nil {
+			return err
+		}
 	}
 	if err := s.ctl.QueueBind(DeadLetterQueue, "", DeadLetterExchange, false, nil); err != nil {
 		return fmt.Errorf("bind %s: %w", DeadLetterQueue, err)
 	}
-	if _, err := s.ctl.QueueDeclare(o.Queue, true, false, false, false, o.QueueArgs); err != nil {
-		// PRECONDITION_FAILED here means the queue exists with other
-		// arguments; RabbitMQ cannot change them in place.
-		return fmt.Errorf("declare queue %s (if its arguments changed, delete or migrate it): %w", o.Queue, err)
+	return s.declareQueue(ctx, o.Queue, o.QueueArgs)
+}
+
+// declareQueue declares a durable queue. RabbitMQ cannot change a live
+// queue's arguments and refuses a declare that differs (PRECONDITION_FAILED).
+// Going offline over that would be worse than running with the arguments
+// the queue has: so the queue is used as it is, and the difference goes to
+// Mismatches. pushrelay.dead, shared by every frontend, meets this
+// whenever two frontends' dead_letter_max_length differ.
+//
+// The declare runs on a channel of its own, because the refusal closes the
+// channel it came on, and the session's channels are watched.
+func (s *Session) declareQueue(ctx context.Context, name string, args amqp.Table) error {
+	ch, err := openChannel(ctx, s.conn, s.opts.Timeout)
+	if err != nil {
+		return fmt.Errorf("open declare channel: %w", err)
+	}
+	_, err = ch.QueueDeclare(name, true, false, false, false, args)
+	var ae *amqp.Error
+	if errors.As(err, &ae) && ae.Code == amqp.PreconditionFailed {
+		s.Mismatches = append(s.Mismatches, fmt.Sprintf("queue %s exists with other arguments than the config's (%s): "+
+			"used as it is; change them with a policy, or name a new queue", name, ae.Reason))
+		return nil // the broker closed ch
+	}
+	ch.Close()
+	if err != nil {
+		return fmt.Errorf("declare queue %s: %w", name, err)
 	}
 	return nil
+}
+
+// queueExists asks with a passive declare, on a channel of its own: the
+// broker closes the channel when the queue does not exist.
+func (s *Session) queueExists(ctx context.Context, name string) (bool, error) {
+	ch, err := openChannel(ctx, s.conn, s.opts.Timeout)
+	if err != nil {
+		return false, fmt.Errorf("open declare channel: %w", err)
+	}
+	_, err = ch.QueueDeclarePassive(name, true, false, false, false, nil)
+	var ae *amqp.Error
+	if errors.As(err, &ae) && ae.Code == amqp.NotFound {
+		return false, nil
+	}
+	ch.Close()
+	if err != nil {
+		return false, fmt.Errorf("look up queue %s: %w", name, err)
+	}
+	return true, nil
 }
 
 // Bind binds one shard's routing key to the queue.

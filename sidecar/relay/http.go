@@ -27,7 +27,15 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if !r.consuming.Load() {
-			http.Error(w, "not consuming: no AMQP session", http.StatusServiceUnavailable)
+			why := "no AMQP session"
+			if e := r.connectErr.Load(); e != nil {
+				why = *e
+			}
+			http.Error(w, "not consuming: "+why, http.StatusServiceUnavailable)
+			return
+		}
+		if why := r.unapplied.Load(); why != nil {
+			http.Error(w, "config not yet applied: "+*why, http.StatusServiceUnavailable)
 			return
 		}
 		if p := r.pool.Load(); p != nil {

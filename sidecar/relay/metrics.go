@@ -91,6 +91,8 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		func() float64 { return float64(r.shardsOwned.Load()) })
 	reg.Gauge("pushrelay_shards_draining", "Shards moved away and still bound until their drain ends.",
 		func() float64 { return float64(r.shardsDraining.Load()) })
+	reg.Gauge("pushrelay_config_applied", "1 when the last accepted config is fully in force (publisher, session, bindings); 0 while the relay works on the difference (the log says why).",
+		func() float64 { return b2f(r.unapplied.Load() == nil) })
 	reg.Gauge("pushrelay_config_last_reload_successful", "1 if the last config reload was applied, 0 if it was refused.",
 		func() float64 { return b2f(r.lastReloadOK.Load()) })
 	reg.Gauge("pushrelay_config_last_reload_success_timestamp_seconds", "Unix time of the last applied config.",

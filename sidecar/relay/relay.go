@@ -14,7 +14,9 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -39,6 +41,9 @@ const (
 	amqpTimeout = 10 * time.Second
 	// reconnectMax caps the AMQP reconnect backoff.
 	reconnectMax = 30 * time.Second
+	// standbyRetry caps the retries of a relay whose queue another relay
+	// holds: it takes over within this long once that one goes away.
+	standbyRetry = 5 * time.Second
 	// minHealthySession: a session lost sooner counts as a failed connect.
 	minHealthySession = 5 * time.Second
 )
@@ -50,7 +55,7 @@ var errReconnect = errors.New("config change needs a new AMQP session")
 // Hooks let other parts of the daemon follow config reloads.
 type Hooks struct {
 	// OnReload runs in the relay loop after a new config is accepted.
-	OnReload func(config.Config)
+	OnReload func(prev, next config.Config)
 }
 
 // Relay is one frontend's relay.
@@ -65,23 +70,30 @@ type Relay struct {
 
 	// Read by /metrics and /readyz.
 	inFlight       atomic.Int64
-	oldestPending  atomic.Int64 // unix ns the oldest unsettled delivery arrived; 0 when none
-	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
+	oldestPending  atomic.Int64           // unix ns the oldest unsettled delivery arrived; 0 when none
+	unapplied      atomic.Pointer[string] // why the desired config is not yet in force; nil when it is
+	connectErr     atomic.Pointer[string] // why the last connect failed, for /readyz
+	// dialled is the broker URL the last connect used: amqp.url_file or
+	// the environment may say something else by now (a new password).
+	dialled atomic.Pointer[string]
+	unacked        atomic.Int64           // delivered on the current session, not yet acked or rejected
 	consuming      atomic.Bool
 	shardsOwned    atomic.Int64
 	shardsDraining atomic.Int64
 	lastReloadOK   atomic.Bool
 	lastReloadAt   atomic.Int64
+	accepted       atomic.Pointer[config.Config] // the last valid config: the desired state
 	pool           atomic.Pointer[publish.Pool]
 
 	// Owned by the Run goroutine.
-	cfg      config.Config
-	gen      uint64
-	bound    map[int]bool      // shards bound on the queue: owned + draining
-	draining map[int]time.Time // shard → when its binding goes
-	warn     *rateLimiter
-	now      int64 // unix ns, read at every tick: a delivery's arrival, to the tick
-	pubState publish.State
+	cfg       config.Config
+	gen       uint64
+	bound     map[int]bool      // shards bound on the queue: owned + draining
+	draining  map[int]time.Time // shard → when its binding goes
+	statePath string            // the drain state file; "" keeps none
+	warn      *rateLimiter
+	now       int64 // unix ns, read at every tick: a delivery's arrival, to the tick
+	pubState  publish.State
 	// pending is the work a reload left to do once nothing is in flight
 	// (a publisher rebuild, a reconnect). It outlives a session: a drop
 	// before it ran must not lose it.
@@ -108,7 +120,12 @@ func New(cfg config.Config, log *slog.Logger, level *slog.LevelVar, reg *telemet
 	for _, s := range owned {
 		r.bound[s] = true
 	}
+	if cfg.StateDir != "" {
+		r.statePath = filepath.Join(cfg.StateDir, "drains.json")
+		r.restoreDrains(owned)
+	}
 	r.shardsOwned.Store(int64(len(owned)))
+	r.accepted.Store(&cfg)
 	r.lastReloadOK.Store(true)
 	r.lastReloadAt.Store(time.Now().Unix())
 	r.m = newMetrics(reg, r)
@@ -132,12 +149,16 @@ func (r *Relay) publisherReachable() bool {
 // invalid config is refused and the running one stays.
 func (r *Relay) Reload(path string) error {
 	cfg, err := config.Load(path)
+	if err == nil {
+		err = r.checkReload(*r.accepted.Load(), cfg)
+	}
 	if err != nil {
 		r.lastReloadOK.Store(false)
 		r.m.reloadsFailed.Inc()
 		r.log.Error("config reload refused; keeping the running config", "err", err)
 		return err
 	}
+	r.accepted.Store(&cfg)
 	r.lastReloadOK.Store(true)
 	r.lastReloadAt.Store(time.Now().Unix())
 	r.m.reloadsOK.Inc()
@@ -152,6 +173,52 @@ func (r *Relay) Reload(path string) error {
 			}
 		}
 	}
+}
+
+// checkReload refuses what a live relay cannot apply, before anything is
+// dropped: queue arguments RabbitMQ cannot change in place, and a broker
+// URL that does not work (a typo must not end the working session).
+func (r *Relay) checkReload(prev, next config.Config) error {
+	p, n := prev.AMQP, next.AMQP
+	if p.Queue == n.Queue {
+		var errs []error
+		for _, c := range []struct {
+			key, arg string
+			changed  bool
+		}{
+			{"queue_type", "x-queue-type", p.QueueType != n.QueueType},
+			{"message_ttl", "x-message-ttl", p.MessageTTL != n.MessageTTL},
+			{"max_length", "x-max-length", p.MaxLength != n.MaxLength},
+		} {
+			if c.changed {
+				errs = append(errs, fmt.Errorf("amqp.%s: %s cannot change on the live queue %s: use a policy, or a new amqp.queue name",
+					c.key, c.arg, n.Queue))
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+	}
+	if p.DeadLetterMaxLength != n.DeadLetterMaxLength {
+		return fmt.Errorf("amqp.dead_letter_max_length: %s is shared by every frontend and keeps the length it was created with: use a policy",
+			consume.DeadLetterQueue)
+	}
+	prevURL, _ := prev.AMQPURL()
+	if d := r.dialled.Load(); d != nil {
+		prevURL = *d
+	}
+	nextURL, err := next.AMQPURL()
+	if err != nil {
+		return err
+	}
+	if nextURL != prevURL {
+		ctx, cancel := context.WithTimeout(context.Background(), amqpTimeout)
+		defer cancel()
+		if err := consume.Try(ctx, nextURL, amqpTimeout); err != nil {
+			return fmt.Errorf("the new AMQP URL %s does not work, so the current one stays: %w", config.Redact(nextURL), err)
+		}
+	}
+	return nil
 }
 
 // Run relays until ctx is cancelled, then stops gracefully: it cancels the
@@ -173,14 +240,35 @@ func (r *Relay) Run(ctx context.Context) error {
 			}
 			failures++
 			wait := jittered(failures, reconnectMax)
-			r.log.Warn("AMQP connect failed", "err", err, "attempt", failures, "retry_in", wait)
+			if errors.Is(err, consume.ErrQueueTaken) {
+				wait = jittered(failures, standbyRetry)
+			}
+			why := err.Error()
+			r.connectErr.Store(&why)
+			if errors.Is(err, consume.ErrQueueTaken) {
+				r.log.Error("not consuming: another relay holds this host's queue; standing by", "err", err, "retry_in", wait)
+			} else {
+				r.log.Warn("AMQP connect failed", "err", err, "attempt", failures, "retry_in", wait)
+			}
 			if !r.waitApplyingReloads(ctx, wait) {
 				return nil
 			}
 			continue
 		}
+		r.connectErr.Store(nil)
 		if r.gen > 1 {
 			r.m.reconnects.Inc()
+		}
+		switch {
+		case len(sess.Mismatches) > 0:
+			for _, m := range sess.Mismatches {
+				r.log.Warn("queue arguments differ from the config", "detail", m)
+			}
+			r.setUnapplied(strings.Join(sess.Mismatches, "; "))
+		case r.pending == nil:
+			// A fresh session binds every desired shard and carries the
+			// desired AMQP settings: nothing is left to apply.
+			r.setUnapplied("")
 		}
 		r.log.Info("consuming", "queue", r.cfg.AMQP.Queue, "shards", len(r.bound), "gen", r.gen)
 		began := time.Now()
@@ -219,6 +307,7 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 	if err != nil {
 		return nil, err
 	}
+	r.dialled.Store(&url)
 	r.gen++
 	r.pool.Load().SetGen(r.gen)
 	a := r.cfg.AMQP
@@ -569,6 +658,20 @@ func (r *Relay) waitApplyingReloads(ctx context.Context, d time.Duration) bool {
 		case <-ctx.Done():
 			return false
 		}
+	}
+}
+
+// setUnapplied records why the desired config is not fully in force yet,
+// or with "" that it is. /readyz and pushrelay_config_applied show it.
+func (r *Relay) setUnapplied(why string) {
+	if why == "" {
+		if r.unapplied.Swap(nil) != nil {
+			r.log.Info("config applied")
+		}
+		return
+	}
+	if old := r.unapplied.Swap(&why); old == nil || *old != why {
+		r.log.Info("config not yet applied", "reason", why)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 
 	"github.com/pushrelay/pushrelay/sidecar/config"
 	"github.com/pushrelay/pushrelay/sidecar/consume"
+	"github.com/pushrelay/pushrelay/sidecar/drainstate"
 )
 
 // apply takes a validated config into use. Shard moves and the log level
@@ -32,19 +33,21 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce f
 		return nil, err
 	}
 	if r.hooks.OnReload != nil {
-		r.hooks.OnReload(next)
+		r.hooks.OnReload(prev, next)
 	}
 
 	sessionChanged := !reflect.DeepEqual(prev.AMQP, next.AMQP) || prev.Host != next.Host ||
-		prev.Shards.Count != next.Shards.Count
+		prev.Shards.Count != next.Shards.Count || r.urlChanged(next)
 	poolChanged := prev.Push != next.Push || prev.AMQP.Prefetch != next.AMQP.Prefetch
 	r.log.Info("config reloaded", "shards_owned", len(owned), "shards_draining", len(r.draining),
 		"rebuild_publisher", poolChanged, "new_session", sessionChanged)
-	if prev.Metrics != next.Metrics {
-		r.log.Warn("metrics.listen changes only on restart", "listening", prev.Metrics.Listen)
-	}
 	if !sessionChanged && !poolChanged {
 		return nil, nil
+	}
+	if sessionChanged {
+		r.setUnapplied("a new AMQP session is due (queue, URL or shards changed)")
+	} else {
+		r.setUnapplied("the new publisher waits for in-flight messages (at most shutdown_timeout)")
 	}
 	return func(abandoned bool) error {
 		if poolChanged {
@@ -53,10 +56,20 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce f
 			}
 		}
 		if sessionChanged || abandoned {
-			return errReconnect
+			return errReconnect // applied when the next session opens
 		}
+		r.setUnapplied("")
 		return nil
 	}, nil
+}
+
+// urlChanged reports whether next resolves to another broker URL than the
+// live session dialled: a new password in amqp.url_file changes nothing in
+// the config itself.
+func (r *Relay) urlChanged(next config.Config) bool {
+	d := r.dialled.Load()
+	url, err := next.AMQPURL()
+	return d != nil && err == nil && url != *d
 }
 
 // rebuildPool starts a publisher for the current config, then stops the
@@ -82,18 +95,21 @@ func (r *Relay) rebuildPool() error {
 // unbound after the drain, so the old and new owner both publish a moving
 // shard while its subscribers reconnect. A shard that comes back before
 // its drain ends simply stays bound.
+//
+// Every gained shard is recorded as desired before the first bind: if a
+// bind fails (a connection blip mid-reload), the session ends and the next
+// one binds everything desired. Recording after each bind would leave the
+// shards past the failure unbound for good, and their producers' messages
+// routed to no queue.
 func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Duration) error {
 	want := make(map[int]bool, len(owned))
+	var gained []int
 	for _, s := range owned {
 		want[s] = true
 		delete(r.draining, s)
 		if !r.bound[s] {
-			if sess != nil {
-				if err := sess.Bind(s); err != nil {
-					return err
-				}
-			}
 			r.bound[s] = true
+			gained = append(gained, s)
 		}
 	}
 	until := time.Now().Add(drain)
@@ -107,6 +123,15 @@ func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Durati
 	}
 	r.shardsOwned.Store(int64(len(owned)))
 	r.shardsDraining.Store(int64(len(r.draining)))
+	r.saveDrains()
+	if sess != nil {
+		for _, s := range gained {
+			if err := sess.Bind(s); err != nil {
+				r.setUnapplied("binding gained shards: " + err.Error())
+				return err
+			}
+		}
+	}
 	return r.expireDrains(sess)
 }
 
@@ -122,6 +147,8 @@ func (r *Relay) expireDrains(sess *consume.Session) error {
 		}
 		if sess != nil {
 			if err := sess.Unbind(s); err != nil {
+				// Still bound and draining: the next session unbinds it.
+				r.setUnapplied("unbinding drained shards: " + err.Error())
 				return err
 			}
 		}
@@ -129,7 +156,42 @@ func (r *Relay) expireDrains(sess *consume.Session) error {
 		delete(r.draining, s)
 	}
 	r.shardsDraining.Store(int64(len(r.draining)))
+	r.saveDrains()
 	return nil
+}
+
+// saveDrains records the drains in the state file, so that a restart keeps
+// them; without it a restart unbinds them at once.
+func (r *Relay) saveDrains() {
+	if r.statePath == "" {
+		return
+	}
+	if err := drainstate.Save(r.statePath, r.cfg.AMQP.Queue, r.draining); err != nil && r.warn.allow("drain state") {
+		r.log.Warn("drains will not survive a restart", "err", err, "suppressed_since_last", r.warn.suppressed("drain state"))
+	}
+}
+
+// restoreDrains keeps bound, until their deadlines, the shards a previous
+// run of this relay was draining when it stopped.
+func (r *Relay) restoreDrains(owned []int) {
+	drains, err := drainstate.Load(r.statePath, r.cfg.AMQP.Queue, time.Now())
+	if err != nil {
+		r.log.Warn("drain state unreadable; shards a previous run was draining are unbound now", "err", err)
+		return
+	}
+	isOwned := make(map[int]bool, len(owned))
+	for _, s := range owned {
+		isOwned[s] = true
+	}
+	for s, until := range drains {
+		if s < r.cfg.Shards.Count && !isOwned[s] {
+			r.bound[s], r.draining[s] = true, until
+		}
+	}
+	if len(r.draining) > 0 {
+		r.log.Info("still draining shards moved away before the restart", "shards", len(r.draining))
+	}
+	r.shardsDraining.Store(int64(len(r.draining)))
 }
 
 // ParseLevel maps the config's log.level to a slog level.

@@ -43,29 +43,53 @@ func runRelay(args []string, stderr io.Writer) int {
 	// instead of waking threads on other CPUs, which on a frontend are
 	// Nginx's. Measured: ~20% less CPU per message (integration/BENCHMARKS.md).
 	// An explicit GOMAXPROCS in the environment wins.
-	if cfg.MaxProcs > 0 && os.Getenv("GOMAXPROCS") == "" {
-		runtime.GOMAXPROCS(cfg.MaxProcs)
-	}
+	setMaxProcs(cfg.MaxProcs)
 	level := new(slog.LevelVar)
 	level.Set(relay.ParseLevel(cfg.Log.Level))
-	log := newLogger(stderr, cfg.Log.Format, level)
-	if err := serve(cfg, *path, log, level); err != nil {
+	out := newSwitchable(formatHandler(stderr, cfg.Log.Format, level))
+	log := slog.New(out)
+	reformat := func(format string) { out.set(formatHandler(stderr, format, level)) }
+	if err := serve(cfg, *path, log, level, reformat); err != nil {
 		log.Error("pushrelay stopped", "err", err)
 		return 1
 	}
 	return 0
 }
 
-func newLogger(w io.Writer, format string, level *slog.LevelVar) *slog.Logger {
-	opts := &slog.HandlerOptions{Level: level}
-	if format == "text" {
-		return slog.New(slog.NewTextHandler(w, opts))
+// setMaxProcs applies max_procs; an explicit GOMAXPROCS in the
+// environment wins.
+func setMaxProcs(n int) {
+	if os.Getenv("GOMAXPROCS") != "" {
+		return
 	}
-	return slog.New(slog.NewJSONHandler(w, opts))
+	if n == 0 {
+		n = runtime.NumCPU()
+	}
+	runtime.GOMAXPROCS(n)
+}
+
+// restartKeys names the keys whose change a reload cannot apply.
+func restartKeys(prev, next config.Config) []string {
+	var keys []string
+	for _, k := range []struct {
+		name    string
+		changed bool
+	}{
+		{"metrics.listen", prev.Metrics != next.Metrics},
+		{"state_dir", prev.StateDir != next.StateDir},
+		{"probes.enabled", prev.Probes.Enabled != next.Probes.Enabled},
+		{"probes.cgroup", prev.Probes.Cgroup != next.Probes.Cgroup},
+		{"probes.interval", prev.Probes.Interval != next.Probes.Interval},
+	} {
+		if k.changed {
+			keys = append(keys, k.name)
+		}
+	}
+	return keys
 }
 
 // serve wires the daemon's parts and owns their goroutines.
-func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVar) error {
+func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVar, reformat func(format string)) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	notify := sdnotify.FromEnv()
@@ -86,7 +110,12 @@ func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVa
 		}
 		defer probes.Close()
 	}
-	r, err := relay.New(cfg, log, level, reg, relay.Hooks{OnReload: func(next config.Config) {
+	r, err := relay.New(cfg, log, level, reg, relay.Hooks{OnReload: func(prev, next config.Config) {
+		reformat(next.Log.Format)
+		setMaxProcs(next.MaxProcs)
+		if keys := restartKeys(prev, next); len(keys) > 0 {
+			log.Warn("these keys changed but apply only on restart; the running values stay", "keys", strings.Join(keys, ", "))
+		}
 		if probes != nil {
 			if err := probes.SetPorts(probeConfig(next).Ports); err != nil {
 				log.Warn("probes: new ports", "err", err)

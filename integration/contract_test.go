@@ -96,9 +96,7 @@ func startProbes(t *testing.T, n *Nginx, m stack.Module, channel string) []*prob
 	waitFor(t, "probes to receive the warm-up message", 30*time.Second, func() bool {
 		for _, p := range probes {
 			if !p.warmedUp() {
-				if resp, err := http.Post(n.URL("/pub?id="+channel), "text/plain", strings.NewReader("0")); err == nil {
-					resp.Body.Close()
-				}
+				n.Publish(channel, "0") // retried until it arrives
 				time.Sleep(200 * time.Millisecond)
 				return false
 			}

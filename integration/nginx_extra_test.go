@@ -43,7 +43,11 @@ func pipelineOn(t *testing.T, m stack.Module, n *Nginx, host, publishPath string
 	p := &pipeline{host: host, nginx: n}
 	p.broker = newBroker(t, "pushrelay."+host)
 	o.Host, o.Exchange, o.Dialect = host, p.broker.Exchange, m.Dialect()
-	o.Publish = n.URL(publishPath + "?id={channel}")
+	if publishPath == "/pub" { // the shipped publisher, in a server of its own
+		o.Publish = n.PublishURL()
+	} else {
+		o.Publish = n.URL(publishPath + "?id={channel}")
+	}
 	p.relay = startRelay(t, o)
 	return p
 }

@@ -2,6 +2,7 @@ package packaging
 
 import (
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -91,35 +92,88 @@ func TestPushStreamSnippetsPassNginxT(t *testing.T) {
 func TestNginxTCatchesMistakes(t *testing.T) {
 	nginx := needTool(t, "nginx", "nginx-light")
 	dir := t.TempDir()
-	broken := strings.Replace(readFile(t, "nginx/pushrelay-nchan.conf"), "nchan_publisher http;", "nchan_publisher htp;", 1)
+	broken := strings.Replace(readFile(t, "nginx/pushrelay-nchan-http.conf"), "nchan_publisher http;", "nchan_publisher htp;", 1)
 	if err := os.WriteFile(filepath.Join(dir, "broken.conf"), []byte(broken), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := nginxTest(t, nginx, nchanModule, "nginx/pushrelay-nchan-http.conf", filepath.Join(dir, "broken.conf")); err == nil {
+	if out, err := nginxTest(t, nginx, nchanModule, filepath.Join(dir, "broken.conf"), "nginx/pushrelay-nchan.conf"); err == nil {
 		t.Fatalf("nginx -t accepted a bad publisher type:\n%s", out)
 	}
 }
 
-// location returns the body of `location <match> {` in an nginx snippet.
-func location(t *testing.T, conf, match string) string {
+// block returns what is between `header {` (at the start of a line, so
+// not in a comment) and its matching `}` in an nginx snippet.
+func block(t *testing.T, conf, header string) string {
 	t.Helper()
-	start := strings.Index(conf, "location "+match+" {")
-	if start < 0 {
-		t.Fatalf("no location %s", match)
+	loc := regexp.MustCompile(`(?m)^[ \t]*` + regexp.QuoteMeta(header) + `[ \t]*\{`).FindStringIndex(conf)
+	if loc == nil {
+		t.Fatalf("no %s {", header)
 	}
-	end := strings.Index(conf[start:], "\n}")
-	return conf[start : start+end]
+	depth := 0
+	for i := loc[1] - 1; i < len(conf); i++ {
+		switch conf[i] {
+		case '{':
+			depth++
+		case '}':
+			if depth--; depth == 0 {
+				return conf[loc[1]:i]
+			}
+		}
+	}
+	t.Fatalf("%s { is not closed", header)
+	return ""
 }
+
+var listenRE = regexp.MustCompile(`(?m)^[ \t]*listen[ \t]+([^;\s]+)[^;\n]*;`)
 
 var sizeRE = regexp.MustCompile(`(?m)^\s*client_max_body_size\s+(\d+)([kKmM]?);`)
 
 // The relay dead-letters bodies over push.max_body; nginx must accept
-// every body the relay sends, and refuse none of them with 413.
+// every body the relay sends, and refuse none of them with 413. The
+// publisher and statistics are in a server of their own on loopback, at the
+// relay's default push.url, and nowhere in the public server's snippet:
+// there an `allow 127.0.0.1` falls to a realip module trusting a client's
+// forwarded address.
 func TestSnippetsMatchTheRelay(t *testing.T) {
-	maxBody := config.Default().Push.MaxBody
-	for _, f := range []string{"nginx/pushrelay-nchan.conf", "nginx/pushrelay-pushstream.conf"} {
-		t.Run(filepath.Base(f), func(t *testing.T) {
-			pub := location(t, readFile(t, f), "= /pub")
+	def := config.Default().Push
+	pubURL, err := url.Parse(strings.Replace(def.URL, "{channel}", "x", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mod := range []string{"nchan", "pushstream"} {
+		t.Run(mod, func(t *testing.T) {
+			public := readFile(t, "nginx/pushrelay-"+mod+".conf")
+			for _, loc := range []string{"= /pub", "= /channels-stats"} {
+				if strings.Contains(public, "location "+loc) {
+					t.Errorf("the public server's snippet has location %s", loc)
+				}
+			}
+			for _, loc := range []string{`~ ^/ev/`, `~ ^/ws/`, `~ ^/lp/`} {
+				if !strings.Contains(public, "location "+loc) {
+					t.Errorf("no location %s", loc)
+				}
+			}
+
+			server := block(t, readFile(t, "nginx/pushrelay-"+mod+"-http.conf"), "server")
+			listens := listenRE.FindAllStringSubmatch(server, -1)
+			if len(listens) == 0 {
+				t.Fatal("the publisher server has no listen")
+			}
+			for _, l := range listens {
+				if !strings.HasPrefix(l[1], "127.0.0.1:") && !strings.HasPrefix(l[1], "unix:") {
+					t.Errorf("the publisher server listens on %s: not loopback only", l[1])
+				}
+			}
+			if listens[0][1] != pubURL.Host {
+				t.Errorf("the publisher server listens on %s, the relay's default push.url is %s", listens[0][1], def.URL)
+			}
+			if !strings.Contains(server, "location = /channels-stats") {
+				t.Error("no location = /channels-stats in the publisher server")
+			}
+			pub := block(t, server, "location = /pub")
+			if mod == "pushstream" && !strings.Contains(pub, "push_stream_publisher normal;") {
+				t.Error("/pub is not push_stream_publisher normal: the relay never deletes a channel")
+			}
 			m := sizeRE.FindStringSubmatch(pub)
 			if m == nil {
 				t.Fatal("/pub sets no client_max_body_size")
@@ -131,11 +185,8 @@ func TestSnippetsMatchTheRelay(t *testing.T) {
 			case "m":
 				n <<= 20
 			}
-			if n != maxBody {
-				t.Errorf("client_max_body_size %d bytes, relay's push.max_body default %d", n, maxBody)
-			}
-			if !strings.Contains(pub, "allow 127.0.0.1;") || !strings.Contains(pub, "deny all;") {
-				t.Error("/pub is not restricted to loopback")
+			if n != def.MaxBody {
+				t.Errorf("client_max_body_size %d bytes, relay's push.max_body default %d", n, def.MaxBody)
 			}
 			ka := regexp.MustCompile(`keepalive_requests\s+(\d+);`).FindStringSubmatch(pub)
 			if ka == nil {
@@ -143,11 +194,6 @@ func TestSnippetsMatchTheRelay(t *testing.T) {
 			}
 			if n, _ := strconv.Atoi(ka[1]); n < 100000 {
 				t.Errorf("keepalive_requests %d: nginx would close the relay's connection every %d publishes", n, n)
-			}
-			for _, loc := range []string{`~ ^/ev/`, `~ ^/ws/`, `~ ^/lp/`, `= /channels-stats`} {
-				if !strings.Contains(readFile(t, f), "location "+loc) {
-					t.Errorf("no location %s", loc)
-				}
 			}
 		})
 	}

@@ -7,6 +7,7 @@
 package stack
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"syscall"
@@ -108,6 +110,11 @@ type NginxOptions struct {
 	// Server are the directives inside server{}. Empty means the project's
 	// snippets for Module: the server one here, the http-level one in http{}.
 	Server string
+	// Publisher are the listen addresses of the publisher server that the
+	// module's http-level snippet holds ("127.0.0.1:port" or "unix:/path"),
+	// in place of the snippet's fixed one, so that instances can run side
+	// by side. Default: one free loopback port.
+	Publisher []string
 	// CgroupFD, if positive, starts the master in that cgroup v2 directory
 	// (CLONE_INTO_CGROUP), so its workers are born there too.
 	CgroupFD int
@@ -118,11 +125,14 @@ type Nginx struct {
 	Addr   string // 127.0.0.1:port
 	Prefix string
 	Module Module
-	bin    string
-	conf   string
-	opts   NginxOptions
-	cmd    *exec.Cmd
-	exited chan struct{}
+	// PubAddr is the publisher server's first listen address
+	// ("127.0.0.1:port" or "unix:/path"); "" when the config has none.
+	PubAddr string
+	bin     string
+	conf    string
+	opts    NginxOptions
+	cmd     *exec.Cmd
+	exited  chan struct{}
 }
 
 // StartNginx writes the config and starts nginx, returning once it answers.
@@ -151,12 +161,28 @@ func StartNginx(o NginxOptions) (*Nginx, error) {
 		o.HTTP = "include " + o.Module.snippet("-http") + ";\n" + o.HTTP
 		o.Server = "include " + o.Module.snippet("") + ";"
 	}
+	pubAddr := ""
+	if include := "include " + o.Module.snippet("-http") + ";"; strings.Contains(o.HTTP, include) {
+		if len(o.Publisher) == 0 {
+			port, err := FreePort()
+			if err != nil {
+				return nil, err
+			}
+			o.Publisher = []string{fmt.Sprintf("127.0.0.1:%d", port)}
+		}
+		local, err := publisherSnippet(o.Module, o.Dir, o.Publisher)
+		if err != nil {
+			return nil, err
+		}
+		o.HTTP = strings.ReplaceAll(o.HTTP, include, "include "+local+";")
+		pubAddr = o.Publisher[0]
+	}
 	for _, m := range o.Modules {
 		if _, err := os.Stat(m); err != nil {
 			return nil, fmt.Errorf("nginx module %s missing (run `make deps`): %w", m, err)
 		}
 	}
-	n := &Nginx{Addr: o.Listen, Prefix: o.Dir, Module: o.Module, bin: bin, conf: filepath.Join(o.Dir, "nginx.conf"), opts: o}
+	n := &Nginx{Addr: o.Listen, Prefix: o.Dir, Module: o.Module, PubAddr: pubAddr, bin: bin, conf: filepath.Join(o.Dir, "nginx.conf"), opts: o}
 	var conf strings.Builder
 	for _, m := range o.Modules {
 		fmt.Fprintf(&conf, "load_module %s;\n", m)
@@ -258,8 +284,58 @@ func (n *Nginx) Pid() int {
 // URL is http://addr + path.
 func (n *Nginx) URL(path string) string { return "http://" + n.Addr + path }
 
+// PublisherURL is the URL of path on the publisher server, in the spelling
+// the relay's [push] url takes: http://unix:/path:/uri for a Unix socket
+// (nginx's proxy_pass spelling).
+func (n *Nginx) PublisherURL(path string) string {
+	if sock, ok := strings.CutPrefix(n.PubAddr, "unix:"); ok {
+		return "http://unix:" + sock + ":" + path
+	}
+	return "http://" + n.PubAddr + path
+}
+
 // PublishURL is the relay's [push] url for this instance.
-func (n *Nginx) PublishURL() string { return n.URL("/pub?id={channel}") }
+func (n *Nginx) PublishURL() string { return n.PublisherURL("/pub?id={channel}") }
+
+// publisherClient talks to the publisher server, whichever kind its
+// address is: the URL's host is ignored.
+func (n *Nginx) publisherClient() *http.Client {
+	network, addr := "tcp", n.PubAddr
+	if sock, ok := strings.CutPrefix(n.PubAddr, "unix:"); ok {
+		network, addr = "unix", sock
+	}
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		},
+	}}
+}
+
+// publisherSnippet writes a copy of the module's http-level snippet into
+// dir with the publisher server's listen line replaced by addrs, and
+// returns its path. The snippet must have exactly one listen line: it is
+// the publisher server's, and if that changes this must too.
+func publisherSnippet(m Module, dir string, addrs []string) (string, error) {
+	b, err := os.ReadFile(m.snippet("-http"))
+	if err != nil {
+		return "", err
+	}
+	if n := len(listenRE.FindAll(b, -1)); n != 1 {
+		return "", fmt.Errorf("%s: %d listen lines, want the publisher server's one", m.snippet("-http"), n)
+	}
+	var listen strings.Builder
+	for i, a := range addrs {
+		if i > 0 {
+			listen.WriteString("\n")
+		}
+		fmt.Fprintf(&listen, "    listen %s;", a)
+	}
+	out := listenRE.ReplaceAllLiteral(b, []byte(listen.String()))
+	path := filepath.Join(dir, filepath.Base(m.snippet("-http")))
+	return path, os.WriteFile(path, out, 0o644)
+}
+
+var listenRE = regexp.MustCompile(`(?m)^[ \t]*listen[ \t]+[^;\n]*;`)
 
 // ErrorLog returns nginx's error log so far.
 func (n *Nginx) ErrorLog() string {
@@ -269,7 +345,14 @@ func (n *Nginx) ErrorLog() string {
 
 // Publish posts body to channel straight to Nginx, bypassing the relay.
 func (n *Nginx) Publish(channel, body string) error {
-	resp, err := http.Post(n.URL("/pub?id="+channel), "text/plain", strings.NewReader(body))
+	if n.PubAddr == "" {
+		return fmt.Errorf("publish to %s: this instance runs no publisher server", channel)
+	}
+	c := n.publisherClient()
+	defer c.CloseIdleConnections()
+	// Not escaped: Nchan does not decode the id (Push Stream does), and the
+	// relay sends contract channel names as they are.
+	resp, err := c.Post("http://publisher/pub?id="+channel, "text/plain", strings.NewReader(body))
 	if err != nil {
 		return err
 	}

@@ -140,7 +140,7 @@ func Default() Config {
 		},
 		Push: Push{
 			Dialect:     DialectPushStream,
-			URL:         "http://127.0.0.1:80/pub?id={channel}",
+			URL:         "http://127.0.0.1:8091/pub?id={channel}",
 			Connections: 8,
 			Pipeline:    16,
 			Timeout:     Duration(2 * time.Second),

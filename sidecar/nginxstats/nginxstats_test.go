@@ -60,12 +60,14 @@ func TestNchanStubStatusFromRealNginx(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The http-level snippet holds the publisher server, with /pub and
+	// /channels-stats; the stack gives it a free port.
 	ngx := nginxtest.Start(t, nginxtest.Options{
 		Modules: []string{nginxtest.NchanModule},
-		HTTP:    "nchan_max_reserved_memory 64m;",
+		HTTP:    "include " + strings.TrimSuffix(snippet, ".conf") + "-http.conf;", // nchan_max_reserved_memory 512M
 		Server:  "include " + snippet + ";",
 	})
-	base := "http://" + ngx.Addr
+	base := ngx.PublisherURL("")
 	for _, ch := range []string{"a", "a", "b"} {
 		resp, err := http.Post(base+"/pub?id="+ch, "text/plain", strings.NewReader("hello "+ch))
 		if err != nil {
@@ -97,7 +99,7 @@ func TestNchanStubStatusFromRealNginx(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	want := Stats{Channels: 2, Subscribers: 1, StoredMessages: 3, PublishedMessages: 3, MessagesInTrash: -1,
-		SharedMemoryUsed: st.SharedMemoryUsed, SharedMemoryLimit: 64 << 20}
+		SharedMemoryUsed: st.SharedMemoryUsed, SharedMemoryLimit: 512 << 20}
 	if st != want {
 		t.Errorf("stats = %+v, want %+v", st, want)
 	}
@@ -111,7 +113,7 @@ func TestNchanStubStatusFromRealNginx(t *testing.T) {
 		"pushrelay_nginx_subscribers 1",
 		"pushrelay_nginx_stored_messages 3",
 		"pushrelay_nginx_published_messages_total 3",
-		"pushrelay_nginx_shared_memory_limit_bytes 67108864",
+		"pushrelay_nginx_shared_memory_limit_bytes 536870912",
 		"# TYPE pushrelay_nginx_published_messages_total counter",
 	)
 	if strings.Contains(text, "messages_in_trash") {

@@ -380,3 +380,24 @@ func TestMemoryAlarmDuringPoisonStorm(t *testing.T) {
 		})
 	})
 }
+
+// push.max_age: after a long outage, a message older than it (by its
+// published_at) is dead-lettered as expired, not pushed to browsers as new.
+func TestStaleMessagesExpire(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		p := newPipeline(t, m, "it-max-age", RelayOptions{Push: `max_age = "1m"`})
+		p.broker.Drain("pushrelay.dead")
+		subs := subscribeAll(t, p.nginx, []string{"aged"}, EventSource)
+		old := time.Now().Add(-2 * time.Minute).UnixMicro()
+		stale := Msg{Channel: "aged", Body: []byte("99"), ID: "stale", Headers: amqp.Table{"published_at": old}}
+		fresh := seqMsgs([]string{"aged"}, 1)[0]
+		p.broker.MustPublish(stale, fresh, seqMsgs([]string{"aged"}, 2)[0])
+		if dups := waitAll(t, subs, 2, 20*time.Second); dups != 0 {
+			t.Errorf("%d duplicates", dups)
+		}
+		dead := deadLettersOf(t, p.broker, "pushrelay."+p.host, 1, 10*time.Second)
+		if d := dead[0]; d.Headers["x-pushrelay-reason"] != "expired" || string(d.Body) != "99" || d.Headers["published_at"] != old {
+			t.Errorf("dead letter: reason %v body %q published_at %v, want expired 99 %d", d.Headers["x-pushrelay-reason"], d.Body, d.Headers["published_at"], old)
+		}
+	})
+}

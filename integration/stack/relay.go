@@ -29,6 +29,7 @@ type RelayConfig struct {
 	Pipeline    int    // default 16
 	MaxBody     int    // default 32768
 	Probes      string // the [probes] table's keys; default "enabled = false"
+	AMQP        string // more [amqp] keys, e.g. heartbeat = "5s"
 	Push        string // more [push] keys, e.g. retry_budget = "3s"
 	StateDir    string // state_dir; default the config file's directory
 	Extra       string // more TOML, appended as is
@@ -53,6 +54,7 @@ shutdown_timeout = "10s"
 url = %q
 exchange = %q
 %sprefetch = %d
+%s
 [push]
 dialect = %q
 url = %q
@@ -69,7 +71,7 @@ level = "info"
 format = "text"
 [probes]
 %s
-%s`, c.Host, c.StateDir, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
+%s`, c.Host, c.StateDir, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), c.AMQP, cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
 		def(c.MaxBody, 32768), c.Push, metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
 }
 
@@ -122,7 +124,13 @@ func (r *Relay) WriteConfig(cfg RelayConfig) error {
 
 // Start runs the binary and waits until /readyz says it is consuming and
 // Nginx answers.
-func (r *Relay) Start() error {
+func (r *Relay) Start() error { return r.start(func(code int) bool { return code == 200 }) }
+
+// Launch runs the binary and waits until it serves /readyz, ready or not:
+// for a relay that is meant to stand by, or to start broken.
+func (r *Relay) Launch() error { return r.start(func(int) bool { return true }) }
+
+func (r *Relay) start(ready func(code int) bool) error {
 	args := append(append([]string{}, r.Wrapper...), r.Bin, "run", "-config", r.Config)
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = &r.log, &r.log
@@ -143,7 +151,7 @@ func (r *Relay) Start() error {
 		}
 		if resp, err := http.Get("http://" + r.MetricsAddr + "/readyz"); err == nil {
 			resp.Body.Close()
-			if resp.StatusCode == 200 {
+			if ready(resp.StatusCode) {
 				return nil
 			}
 		}

@@ -153,9 +153,10 @@ func (r *Relay) Reload(path string) error {
 		err = r.checkReload(*r.accepted.Load(), cfg)
 	}
 	if err != nil {
+		// The reason first: whoever watches the metrics then finds it.
+		r.log.Error("config reload refused; keeping the running config", "err", err)
 		r.lastReloadOK.Store(false)
 		r.m.reloadsFailed.Inc()
-		r.log.Error("config reload refused; keeping the running config", "err", err)
 		return err
 	}
 	r.accepted.Store(&cfg)

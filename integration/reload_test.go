@@ -1,0 +1,251 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pushrelay/pushrelay/integration/stack"
+	"github.com/pushrelay/pushrelay/sidecar/shard"
+)
+
+// Issue 9: reloads and reconnects that converge. Each defect the issue
+// reproduced gets a test here, against real RabbitMQ, real Nginx and the
+// relay binary; the network faults are in netns_test.go.
+
+// launchRelay starts a relay without waiting for it to be ready: one meant
+// to stand by or to start broken. It stops at cleanup.
+func launchRelay(t *testing.T, o RelayOptions) *RelayProc {
+	t.Helper()
+	if o.AMQPURL == "" && !strings.Contains(o.AMQP, "url_file") {
+		o.AMQPURL = amqpURL
+	}
+	sr, err := stack.NewRelay(relayBin, t.TempDir(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &RelayProc{Relay: sr, t: t}
+	if err := sr.Launch(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		r.Stop()
+		if t.Failed() {
+			t.Logf("relay %s log:\n%s", o.Host, r.Log())
+		}
+	})
+	return r
+}
+
+// closedURL is a publish URL nobody listens on.
+func closedURL(t *testing.T) string {
+	port, err := stack.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("http://127.0.0.1:%d/pub?id={channel}", port)
+}
+
+// Defect 1: started with push.url on a closed port, then reloaded with the
+// right one: every message arrives, and the config is applied.
+func TestReloadFixesAWrongPublisherURL(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		p := newPipeline(t, m, "it-fix-url", RelayOptions{})
+		o := RelayOptions{Host: p.host, Exchange: p.broker.Exchange, Publish: closedURL(t), Dialect: m.Dialect()}
+		p.relay.WriteConfig(o)
+		p.relay.Reload()
+		waitFor(t, "the wrong URL applied", 20*time.Second, func() bool {
+			return p.relay.Metric(`pushrelay_config_reloads_total{result="success"}`) == 1 &&
+				p.relay.Metric("pushrelay_config_applied") == 1
+		})
+		chans := channels("fixurl", 20)
+		subs := subscribeAll(t, p.nginx, chans, EventSource)
+		const perChannel = 10
+		for seq := 1; seq <= perChannel; seq++ {
+			p.broker.MustPublish(seqMsgs(chans, seq)...)
+		}
+		waitFor(t, "/readyz to say the publisher is unreachable", 15*time.Second, func() bool {
+			code, body := readyz(t, p.relay)
+			return code == 503 && strings.Contains(body, "unreachable")
+		})
+		o.Publish = p.nginx.PublishURL()
+		p.relay.WriteConfig(o)
+		p.relay.Reload()
+		if dups := waitAll(t, subs, perChannel, 60*time.Second); dups != 0 {
+			t.Logf("%d duplicates (redelivered after the abandoned publisher)", dups)
+		}
+		waitFor(t, "config applied and ready", 30*time.Second, func() bool {
+			code, _ := readyz(t, p.relay)
+			return code == 200 && p.relay.Metric("pushrelay_config_applied") == 1
+		})
+	})
+}
+
+// Defect 2: a URL change, then at once a second reload that changes only
+// the heartbeat. The second must not cancel the first: the new URL wins.
+func TestSecondReloadKeepsTheFirstOnesWork(t *testing.T) {
+	p := newPipeline(t, stack.Nchan, "it-two-reloads", RelayOptions{})
+	o := RelayOptions{Host: p.host, Exchange: p.broker.Exchange, Publish: closedURL(t), Dialect: "nchan"}
+	p.relay.WriteConfig(o)
+	p.relay.Reload()
+	chans := channels("tworeloads", 10)
+	subs := subscribeAll(t, p.nginx, chans, EventSource)
+	p.broker.MustPublish(seqMsgs(chans, 1)...)
+	waitFor(t, "messages stuck on the wrong URL", 15*time.Second, func() bool {
+		return p.relay.Metric("pushrelay_messages_in_flight") > 0
+	})
+
+	o.Publish = p.nginx.PublishURL()
+	p.relay.WriteConfig(o)
+	p.relay.Reload()
+	time.Sleep(200 * time.Millisecond)
+	o.AMQP = `heartbeat = "7s"`
+	p.relay.WriteConfig(o)
+	p.relay.Reload()
+	for seq := 2; seq <= 5; seq++ {
+		p.broker.MustPublish(seqMsgs(chans, seq)...)
+	}
+	waitAll(t, subs, 5, 60*time.Second)
+	waitFor(t, "config applied", 30*time.Second, func() bool { return p.relay.Metric("pushrelay_config_applied") == 1 })
+}
+
+// Defect 6: a reload that changes a queue argument is refused with the
+// reason; the relay stays up and consuming on the running config.
+func TestQueueArgumentReloadIsRefused(t *testing.T) {
+	p := newPipeline(t, stack.Nchan, "it-queue-args", RelayOptions{})
+	chans := channels("qargs", 5)
+	subs := subscribeAll(t, p.nginx, chans, EventSource)
+	p.broker.MustPublish(seqMsgs(chans, 1)...)
+	waitAll(t, subs, 1, 20*time.Second)
+
+	o := RelayOptions{Host: p.host, Exchange: p.broker.Exchange, Publish: p.nginx.PublishURL(), Dialect: "nchan",
+		AMQP: `message_ttl = "1m"`}
+	p.relay.WriteConfig(o)
+	p.relay.Reload()
+	waitFor(t, "the reload refused", 10*time.Second, func() bool {
+		return p.relay.Metric(`pushrelay_config_reloads_total{result="failure"}`) == 1
+	})
+	if log := p.relay.Log(); !strings.Contains(log, "x-message-ttl cannot change on the live queue") {
+		t.Errorf("the refusal does not say why:\n%s", log)
+	}
+	if got := p.relay.Metric("pushrelay_config_last_reload_successful"); got != 0 {
+		t.Errorf("last_reload_successful = %v, want 0", got)
+	}
+	p.broker.MustPublish(seqMsgs(chans, 2)...)
+	waitAll(t, subs, 2, 20*time.Second)
+	if code, body := readyz(t, p.relay); code != 200 {
+		t.Errorf("/readyz %d %q after a refused reload", code, body)
+	}
+	if got := p.relay.Metric("pushrelay_amqp_reconnects_total"); got != 0 {
+		t.Errorf("%v reconnects: a refused reload must not touch the session", got)
+	}
+}
+
+// Defect 7: two relays with the same host (a cloned VM) never split the
+// queue: the second stands by, not ready and saying why, and takes over
+// when the first goes away.
+func TestTwoRelaysWithOneHostNeverSplitTheQueue(t *testing.T) {
+	p := newPipeline(t, stack.Nchan, "it-clone", RelayOptions{})
+	clone := launchRelay(t, RelayOptions{Host: p.host, Exchange: p.broker.Exchange, Publish: p.nginx.PublishURL(), Dialect: "nchan"})
+	waitFor(t, "the clone to say it stands by", 15*time.Second, func() bool {
+		code, body := readyz(t, clone)
+		return code == 503 && strings.Contains(body, "same host")
+	})
+	chans := channels("clone", 10)
+	subs := subscribeAll(t, p.nginx, chans, EventSource)
+	const perChannel = 50
+	for seq := 1; seq <= perChannel; seq++ {
+		p.broker.MustPublish(seqMsgs(chans, seq)...)
+	}
+	waitAll(t, subs, perChannel, 30*time.Second)
+	if got := clone.Metric("pushrelay_messages_received_total"); got != 0 {
+		t.Fatalf("the clone took %v messages: the queue was split", got)
+	}
+	if got := p.relay.Metric("pushrelay_messages_received_total"); got < 10*perChannel {
+		t.Fatalf("the first relay took %v of %d", got, 10*perChannel)
+	}
+
+	p.relay.Stop()
+	waitFor(t, "the clone to take over", 20*time.Second, func() bool {
+		code, _ := readyz(t, clone)
+		return code == 200
+	})
+	p.broker.MustPublish(seqMsgs(chans, perChannel+1)...)
+	waitAll(t, subs, perChannel+1, 20*time.Second)
+}
+
+// Defect 8: a relay killed in the middle of a drain, and started again,
+// keeps the drained shards bound until their deadline, so browsers still
+// on this frontend miss nothing; then it unbinds them.
+func TestDrainSurvivesARestart(t *testing.T) {
+	const drain = 15 * time.Second
+	all := fmt.Sprintf("[shards]\ncount = %d\ndrain = %q\n[shards.map]\nit-drain = [\"0-%d\"]\n",
+		shard.DefaultCount, drain.String(), shard.DefaultCount-1)
+	half := fmt.Sprintf("[shards]\ncount = %d\ndrain = %q\n[shards.map]\nit-drain = [\"0-511\"]\nother = [\"512-%d\"]\n",
+		shard.DefaultCount, drain.String(), shard.DefaultCount-1)
+	p := newPipeline(t, stack.Nchan, "it-drain", RelayOptions{Extra: all})
+	queue := "pushrelay." + p.host
+	o := RelayOptions{Host: p.host, Exchange: p.broker.Exchange, Publish: p.nginx.PublishURL(), Dialect: "nchan", Extra: half}
+	p.relay.WriteConfig(o)
+	p.relay.Reload()
+	began := time.Now()
+	waitFor(t, "512 shards draining", 10*time.Second, func() bool { return p.relay.Metric("pushrelay_shards_draining") == 512 })
+
+	p.relay.Kill()
+	p.relay.Start()
+	if got := p.relay.Metric("pushrelay_shards_draining"); got != 512 {
+		t.Fatalf("after the restart %v shards draining, want 512", got)
+	}
+	if n := len(bindings(t, p.broker.Exchange)[queue]); n != shard.DefaultCount {
+		t.Fatalf("after the restart %d shards bound, want all %d until the drain ends", n, shard.DefaultCount)
+	}
+	// A channel of a drained shard still reaches this frontend's browsers.
+	var moved string
+	for i := 0; moved == ""; i++ {
+		if ch := fmt.Sprintf("drained:%d", i); shard.Of(ch, shard.DefaultCount) >= 512 {
+			moved = ch
+		}
+	}
+	subs := subscribeAll(t, p.nginx, []string{moved}, EventSource)
+	p.broker.MustPublish(seqMsgs([]string{moved}, 1)...)
+	waitAll(t, subs, 1, 10*time.Second)
+	if time.Since(began) >= drain {
+		t.Fatalf("the checks took longer than the drain (%s); nothing was shown", drain)
+	}
+
+	waitFor(t, "the drain to end", drain+10*time.Second, func() bool {
+		return len(bindings(t, p.broker.Exchange)[queue]) == 512
+	})
+	if time.Since(began) < drain {
+		t.Errorf("drained shards unbound after %s, before the %s drain ended", time.Since(began), drain)
+	}
+}
+
+// Defect 9: a password with an unencoded % (from url_file, which
+// check-config cannot read ahead) never reaches the log.
+func TestBrokerPasswordNeverReachesTheLog(t *testing.T) {
+	const secret = "s3cr%zzet"
+	file := filepath.Join(t.TempDir(), "amqp-url")
+	if err := os.WriteFile(file, []byte("amqp://guest:"+secret+"@127.0.0.1:5672/\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := launchRelay(t, RelayOptions{Host: "it-secret", Exchange: "pushrelay.test.secret", Publish: closedURL(t), Dialect: "nchan",
+		AMQP: fmt.Sprintf("url_file = %q", file)})
+	waitFor(t, "two failed connects", 20*time.Second, func() bool {
+		return strings.Count(r.Log(), "AMQP connect failed") >= 2
+	})
+	code, body := readyz(t, r)
+	for _, where := range []string{r.Log(), body} {
+		for _, piece := range []string{secret, "s3cr", "zzet"} {
+			if strings.Contains(where, piece) {
+				t.Fatalf("the password (%q) shows:\n%s", piece, where)
+			}
+		}
+	}
+	if code != 503 || !strings.Contains(body, "percent-encode") {
+		t.Errorf("/readyz %d %q: want 503 saying how to fix the URL", code, body)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -28,6 +29,21 @@ const DefaultMaxBody = 32 * 1024
 // ErrInvalid wraps every refusal of a message before it reaches the broker:
 // retrying such a message cannot succeed.
 var ErrInvalid = errors.New("invalid message")
+
+// ErrUnroutable: no queue is bound to the message's shard, so the broker
+// returned it. No frontend owns the shard (a shard map with a gap, a
+// frontend whose bindings are gone): the message reached nobody. Retry
+// later, alert, or send such messages to an alternate exchange by policy.
+var ErrUnroutable = errors.New("no frontend's queue is bound to the shard")
+
+// returnsBuffer holds broker returns until a publisher reads them after its
+// confirm. amqp091-go delivers them synchronously: a full buffer would stall
+// the connection, so it must exceed the publishes in flight at once.
+const returnsBuffer = 4096
+
+// publishIDHeader tells a returned message's publisher from the others on
+// the same channel.
+const publishIDHeader = "x-pushrelay-publish-id"
 
 // Shard returns the shard of channel among count shards: FNV-1a-32 of its
 // UTF-8 bytes modulo count. The routing key is its decimal form.
@@ -64,13 +80,16 @@ type Publisher struct {
 	mu     sync.Mutex // guards sess and closed
 	sess   *session
 	closed bool
+	nextID atomic.Uint64
 }
 
 // session is one AMQP channel and the reason it closed, once known.
 type session struct {
-	ch     *amqp.Channel
-	closes chan *amqp.Error
-	reason error // set under Publisher.mu
+	ch       *amqp.Channel
+	closes   chan *amqp.Error
+	reason   error // set under Publisher.mu
+	returns  chan amqp.Return
+	returned map[uint64]bool // publish ids returned, not yet asked for; under Publisher.mu
 }
 
 // New returns a Publisher on conn for exchange, routing among count shards.
@@ -137,10 +156,14 @@ func (p *Publisher) Publish(ctx context.Context, m Message) error {
 	if err != nil {
 		return err
 	}
-	dc, err := s.ch.PublishWithDeferredConfirmWithContext(ctx, p.exchange, key, false, false, amqp.Publishing{
+	id := p.nextID.Add(1)
+	// mandatory: a shard no queue is bound to comes back (ErrUnroutable)
+	// instead of being confirmed and dropped.
+	dc, err := s.ch.PublishWithDeferredConfirmWithContext(ctx, p.exchange, key, true, false, amqp.Publishing{
 		Headers: amqp.Table{
-			"channel":      m.Channel,
-			"published_at": time.Now().UnixMicro(),
+			"channel":       m.Channel,
+			"published_at":  time.Now().UnixMicro(),
+			publishIDHeader: int64(id),
 		},
 		ContentType:  m.ContentType,
 		DeliveryMode: amqp.Persistent,
@@ -163,6 +186,12 @@ func (p *Publisher) Publish(ctx context.Context, m Message) error {
 			return fmt.Errorf("producer: publish to exchange %q, key %s: %w", p.exchange, key, reason)
 		}
 		return fmt.Errorf("producer: broker refused the message (nack) for exchange %q, key %s", p.exchange, key)
+	}
+	p.mu.Lock()
+	returned := p.wasReturnedLocked(s, id)
+	p.mu.Unlock()
+	if returned {
+		return fmt.Errorf("producer: exchange %q, key %s (channel %q): %w", p.exchange, key, m.Channel, ErrUnroutable)
 	}
 	return nil
 }
@@ -189,8 +218,33 @@ func (p *Publisher) sessionLocked() (*session, error) {
 	}
 	// One close at most per channel, so a buffer of one never blocks the
 	// library's shutdown path.
-	p.sess = &session{ch: ch, closes: ch.NotifyClose(make(chan *amqp.Error, 1))}
+	p.sess = &session{ch: ch, closes: ch.NotifyClose(make(chan *amqp.Error, 1)),
+		returns: ch.NotifyReturn(make(chan amqp.Return, returnsBuffer)), returned: map[uint64]bool{}}
 	return p.sess, nil
+}
+
+// wasReturnedLocked reports whether the broker returned publish id. The
+// broker sends basic.return before the confirm of the same message, and
+// amqp091-go hands both over in that order, so once the confirm is in, a
+// return for it is in s.returns (or, read by another publisher, in
+// s.returned).
+func (p *Publisher) wasReturnedLocked(s *session, id uint64) bool {
+	for {
+		select {
+		case r := <-s.returns:
+			if rid, ok := r.Headers[publishIDHeader].(int64); ok {
+				s.returned[uint64(rid)] = true
+			}
+			continue
+		default:
+		}
+		break
+	}
+	if s.returned[id] {
+		delete(s.returned, id)
+		return true
+	}
+	return false
 }
 
 // reasonLocked returns why s's channel closed, if it did. The library queues

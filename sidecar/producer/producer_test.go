@@ -115,8 +115,8 @@ func TestPublishSendsTheContractsKeyHeadersAndProperties(t *testing.T) {
 		if at, ok := d.Headers["published_at"].(int64); !ok || at < before || at > after {
 			t.Errorf("%s: header published_at = %#v, want an int64 of Unix µs in [%d, %d]", m.Channel, d.Headers["published_at"], before, after)
 		}
-		if len(d.Headers) != 2 {
-			t.Errorf("%s: headers %v, want only channel and published_at", m.Channel, d.Headers)
+		if _, ok := d.Headers["x-pushrelay-publish-id"].(int64); !ok || len(d.Headers) != 3 {
+			t.Errorf("%s: headers %v, want only channel, published_at and the publish id", m.Channel, d.Headers)
 		}
 		if d.MessageId != m.ID || d.Type != m.Type || d.ContentType != m.ContentType {
 			t.Errorf("%s: message_id %q type %q content_type %q, want %q %q %q", m.Channel, d.MessageId, d.Type, d.ContentType, m.ID, m.Type, m.ContentType)
@@ -299,5 +299,68 @@ func TestDialPublishesAndCloseEndsTheConnection(t *testing.T) {
 	}
 	if _, err := producer.Dial("amqp://guest:guest@127.0.0.1:1/", exchange, 4); err == nil {
 		t.Error("Dial to a closed port succeeded")
+	}
+}
+
+// A shard no frontend's queue is bound to: the broker would confirm and drop
+// the message; with mandatory it comes back, and Publish says so. Messages
+// to bound shards, published concurrently beside it, still succeed.
+func TestPublishToAnUnboundShardIsUnroutable(t *testing.T) {
+	const count = 64
+	conn := dial(t)
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	exchange := fmt.Sprintf("pushrelay.test.%s.%d", t.Name(), rand.Uint64())
+	if err := ch.ExchangeDeclare(exchange, "direct", false, true, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	defer ch.ExchangeDelete(exchange, false, false)
+	q, err := ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// "x" is shard 7 of 64 and "thread:1" shard 32
+	// (shared/contract/shard-vectors.tsv): bind every shard but 7.
+	for s := range count {
+		if s != 7 {
+			if err := ch.QueueBind(q.Name, strconv.Itoa(s), exchange, false, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	p, err := producer.New(conn, exchange, count)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+
+	var wg sync.WaitGroup
+	errs := make([]error, 20)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			channel := "thread:1"
+			if i%4 == 0 {
+				channel = "x"
+			}
+			errs[i] = p.Publish(context.Background(), producer.Message{Channel: channel, Body: []byte("b")})
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if i%4 == 0 {
+			if !errors.Is(err, producer.ErrUnroutable) {
+				t.Errorf("publish %d to the unbound shard: %v, want ErrUnroutable", i, err)
+			}
+		} else if err != nil {
+			t.Errorf("publish %d to a bound shard: %v", i, err)
+		}
+	}
+	if got, err := ch.QueueDeclarePassive(q.Name, false, true, true, false, nil); err != nil || got.Messages != 15 {
+		t.Errorf("queue holds %d messages (%v), want the 15 routable ones", got.Messages, err)
 	}
 }

@@ -48,17 +48,17 @@ type Stats struct {
 
 // Scraper polls the statistics URL every interval.
 type Scraper struct {
-	dialect  string
-	url      string
 	interval time.Duration
 	log      *slog.Logger
 	client   *http.Client
 
-	mu   sync.Mutex
-	last Stats
-	ok   bool // the latest scrape succeeded
-	seen bool // a scrape has completed, successfully or not
-	n    int  // scrapes completed, for tests to wait on
+	mu      sync.Mutex
+	dialect string // what to scrape: a reload may change both
+	url     string
+	last    Stats
+	ok      bool // the latest scrape succeeded
+	seen    bool // a scrape has completed, successfully or not
+	n       int  // scrapes completed, for tests to wait on
 }
 
 var families = []struct{ name, typ, help string }{
@@ -93,6 +93,20 @@ func New(dialect, statsURL string, interval time.Duration, reg *telemetry.Regist
 	return s
 }
 
+// SetTarget points the scraper at another statistics page, for a reload
+// that changed push.stats_url, push.url or push.dialect.
+func (s *Scraper) SetTarget(dialect, statsURL string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.dialect, s.url = dialect, statsURL
+}
+
+func (s *Scraper) target() (dialect, url string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.dialect, s.url
+}
+
 // Run scrapes at once and then every interval until ctx is done.
 func (s *Scraper) Run(ctx context.Context) {
 	t := time.NewTicker(s.interval)
@@ -104,10 +118,11 @@ func (s *Scraper) Run(ctx context.Context) {
 			return
 		}
 		// Log transitions only: a down Nginx would otherwise log every tick.
+		_, url := s.target()
 		if err != nil && wasOK {
-			s.log.Warn("nginx stats: scrape failed", "url", s.url, "err", err)
+			s.log.Warn("nginx stats: scrape failed", "url", url, "err", err)
 		} else if err == nil && !wasOK {
-			s.log.Info("nginx stats: scrape works again", "url", s.url)
+			s.log.Info("nginx stats: scrape works again", "url", url)
 		}
 		wasOK = err == nil
 		s.mu.Lock()
@@ -124,14 +139,15 @@ func (s *Scraper) Run(ctx context.Context) {
 
 // Scrape reads the statistics page once.
 func (s *Scraper) Scrape(ctx context.Context) (Stats, error) {
-	if s.url == "" {
+	dialect, url := s.target()
+	if url == "" {
 		return Stats{}, fmt.Errorf("nginx stats: no stats_url configured")
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.url, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return Stats{}, fmt.Errorf("nginx stats: %w", err)
 	}
-	if s.dialect == DialectPushStream {
+	if dialect == DialectPushStream {
 		req.Header.Set("Accept", "application/json")
 	}
 	resp, err := s.client.Do(req)
@@ -141,16 +157,16 @@ func (s *Scraper) Scrape(ctx context.Context) (Stats, error) {
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		io.Copy(io.Discard, io.LimitReader(resp.Body, maxBody))
-		return Stats{}, fmt.Errorf("nginx stats: %s: status %s", s.url, resp.Status)
+		return Stats{}, fmt.Errorf("nginx stats: %s: status %s", url, resp.Status)
 	}
 	body := io.LimitReader(resp.Body, maxBody)
-	switch s.dialect {
+	switch dialect {
 	case DialectPushStream:
 		return ParsePushStream(body)
 	case DialectNchan:
 		return ParseNchan(body)
 	}
-	return Stats{}, fmt.Errorf("nginx stats: unknown dialect %q", s.dialect)
+	return Stats{}, fmt.Errorf("nginx stats: unknown dialect %q", dialect)
 }
 
 // ParsePushStream reads the summary of Push Stream's /channels-stats:

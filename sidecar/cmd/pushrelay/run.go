@@ -110,8 +110,10 @@ func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVa
 		}
 		defer probes.Close()
 	}
+	stats := nginxstats.New(cfg.Push.Dialect, statsURL(cfg.Push), cfg.Probes.Interval.D(), reg, log)
 	r, err := relay.New(cfg, log, level, reg, relay.Hooks{OnReload: func(prev, next config.Config) {
 		reformat(next.Log.Format)
+		stats.SetTarget(next.Push.Dialect, statsURL(next.Push))
 		setMaxProcs(next.MaxProcs)
 		if keys := restartKeys(prev, next); len(keys) > 0 {
 			log.Warn("these keys changed but apply only on restart; the running values stay", "keys", strings.Join(keys, ", "))
@@ -125,7 +127,6 @@ func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVa
 	if err != nil {
 		return err
 	}
-	stats := nginxstats.New(cfg.Push.Dialect, statsURL(cfg.Push), cfg.Probes.Interval.D(), reg, log)
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)

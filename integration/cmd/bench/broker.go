@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -42,6 +43,11 @@ type broker struct {
 	conn *amqp.Connection
 	ch   *amqp.Channel
 	acks chan amqp.Confirmation
+	// blocked is how long, in ns, RabbitMQ has blocked this publisher
+	// (connection.blocked: a memory or disk alarm, such as the one another
+	// session's fault test raises on this shared broker). Any of it during
+	// a run makes that run's figures the alarm's, not the relay's.
+	blocked atomic.Int64
 }
 
 func dialBroker(url string) (*broker, error) {
@@ -56,8 +62,27 @@ func dialBroker(url string) (*broker, error) {
 	if err := ch.Confirm(false); err != nil {
 		return nil, err
 	}
-	return &broker{conn: conn, ch: ch, acks: ch.NotifyPublish(make(chan amqp.Confirmation, 1<<16))}, nil
+	b := &broker{conn: conn, ch: ch, acks: ch.NotifyPublish(make(chan amqp.Confirmation, 1<<16))}
+	go b.watchBlocked(conn.NotifyBlocked(make(chan amqp.Blocking, 4)))
+	return b, nil
 }
+
+func (b *broker) watchBlocked(blockings <-chan amqp.Blocking) {
+	var since time.Time
+	for bl := range blockings {
+		switch {
+		case bl.Active && since.IsZero():
+			since = time.Now()
+			progress("RabbitMQ blocks publishers: %s", bl.Reason)
+		case !bl.Active && !since.IsZero():
+			b.blocked.Add(int64(time.Since(since)))
+			since = time.Time{}
+			progress("RabbitMQ unblocked publishers")
+		}
+	}
+}
+
+func (b *broker) blockedFor() time.Duration { return time.Duration(b.blocked.Load()) }
 
 func (b *broker) close() { b.conn.Close() }
 

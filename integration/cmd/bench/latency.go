@@ -13,14 +13,50 @@ import (
 	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
-// subscribers are the live EventSource connections, one per channel.
-type subscribers struct {
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-
+// sink collects the latency of each message received, measured from the
+// send time the producer stamped on it.
+type sink struct {
 	mu        sync.Mutex
 	latencies []time.Duration
 	received  int
+}
+
+func (s *sink) add(sent time.Time) {
+	lat := time.Since(sent)
+	s.mu.Lock()
+	s.latencies = append(s.latencies, lat)
+	s.received++
+	s.mu.Unlock()
+}
+
+// reset starts a new measurement and returns the previous one's figures.
+func (s *sink) reset() (lat []time.Duration, received int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	lat, received = s.latencies, s.received
+	s.latencies, s.received = make([]time.Duration, 0, 1<<17), 0
+	return lat, received
+}
+
+// await returns once n messages arrived, or after timeout.
+func (s *sink) await(n int, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		s.mu.Lock()
+		got := s.received
+		s.mu.Unlock()
+		if got >= n {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// subscribers are the live EventSource connections, one per channel.
+type subscribers struct {
+	sink
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
 }
 
 func subscribeAll(ctx context.Context, ngx *stack.Nginx, channels []string) (*subscribers, error) {
@@ -52,6 +88,7 @@ func subscribeAll(ctx context.Context, ngx *stack.Nginx, channels []string) (*su
 	return s, nil
 }
 
+// record reads the send time the workload wrote at the start of the body.
 func (s *subscribers) record(ev stack.Event) {
 	sent, _, ok := strings.Cut(ev.Data, " ")
 	if !ok {
@@ -61,20 +98,7 @@ func (s *subscribers) record(ev stack.Event) {
 	if err != nil {
 		return
 	}
-	lat := time.Since(time.UnixMicro(us))
-	s.mu.Lock()
-	s.latencies = append(s.latencies, lat)
-	s.received++
-	s.mu.Unlock()
-}
-
-// reset starts a new measurement and returns the previous one's figures.
-func (s *subscribers) reset() (lat []time.Duration, received int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	lat, received = s.latencies, s.received
-	s.latencies, s.received = make([]time.Duration, 0, 1<<17), 0
-	return lat, received
+	s.add(time.UnixMicro(us))
 }
 
 func (s *subscribers) close() {
@@ -82,62 +106,41 @@ func (s *subscribers) close() {
 	s.wg.Wait()
 }
 
-// latencyResult is one offered rate's figures.
-type latencyResult struct {
-	offered  int
+// stream is one paced run's figures: what was sent, what the sink got,
+// and the latency quantiles.
+type stream struct {
+	rate     int // offered, msg/s
 	sent     int
 	received int
 	elapsed  time.Duration
 	p50, p99 time.Duration
 	max      time.Duration
-	relayCPU float64 // relay CPU, fraction of one core, over the run
-	// The relay's own histogram: producer publish → Nginx accepted, as the
-	// upper bound of the bucket holding p50 and p99, in seconds.
-	lagP50, lagP99 float64
 }
 
-// latencyRun publishes at rate msg/s for d, paced in 5 ms batches, then
-// waits for the subscribers to receive everything (up to 10 s more).
-func latencyRun(ctx context.Context, b *broker, exchange string, w workload, subs *subscribers, rate int, d time.Duration, relay *stack.Relay) (latencyResult, error) {
-	subs.reset()
-	relayPid := relay.Pid()
-	lag0 := lagBuckets(relay)
-	confirmed := make(chan error, 1)
+// offer sends rate msg/s for d through send(seq), paced in 5 ms batches;
+// settle then waits until the far end accepted everything sent, and the
+// sink gets up to 10 s more to receive it all.
+func offer(ctx context.Context, s *sink, rate int, d time.Duration, send func(seq int) error, settle func() error) (stream, error) {
+	s.reset()
+	res := stream{rate: rate}
 	total := int(float64(rate) * d.Seconds())
-	go func() { confirmed <- b.awaitConfirms(total) }()
-
-	res := latencyResult{offered: rate}
-	cpu0 := procCPU(relayPid)
 	start := time.Now()
 	const tick = 5 * time.Millisecond
 	for res.sent < total && ctx.Err() == nil {
 		due := min(total, int(float64(rate)*time.Since(start).Seconds())+1)
 		for ; res.sent < due; res.sent++ {
-			ch := w.channels[res.sent%len(w.channels)]
-			if err := b.publish(ctx, exchange, routingKey(ch), ch, w.body(res.sent, time.Now())); err != nil {
+			if err := send(res.sent); err != nil {
 				return res, err
 			}
 		}
 		time.Sleep(tick)
 	}
-	if err := <-confirmed; err != nil {
+	if err := settle(); err != nil {
 		return res, err
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		subs.mu.Lock()
-		n := subs.received
-		subs.mu.Unlock()
-		if n >= res.sent {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	s.await(res.sent, 10*time.Second)
 	res.elapsed = time.Since(start)
-	res.relayCPU = (procCPU(relayPid) - cpu0).Seconds() / res.elapsed.Seconds()
-	lag1 := lagBuckets(relay)
-	res.lagP50, res.lagP99 = lagQuantile(lag0, lag1, 0.5), lagQuantile(lag0, lag1, 0.99)
-	lat, received := subs.reset()
+	lat, received := s.reset()
 	res.received = received
 	slices.Sort(lat)
 	if len(lat) > 0 {
@@ -145,6 +148,89 @@ func latencyRun(ctx context.Context, b *broker, exchange string, w workload, sub
 		res.p99 = lat[min(len(lat)-1, len(lat)*99/100)]
 		res.max = lat[len(lat)-1]
 	}
+	return res, nil
+}
+
+// traffic is what a paced run publishes to the broker: the workload's
+// messages round robin over its channels and, if poisonEvery > 0, one
+// poison message (an invalid channel id the relay must dead-letter) after
+// every poisonEvery-th.
+type traffic struct {
+	b        *broker
+	exchange string
+	w        workload
+	// key is the routing key of a channel; nil means its shard.
+	key         func(channel string) string
+	poisonEvery int
+}
+
+// poisonChannel breaks the contract (a space), so the relay dead-letters it.
+const poisonChannel = "bad id"
+
+func (t traffic) routingKey(channel string) string {
+	if t.key == nil {
+		return routingKey(channel)
+	}
+	return t.key(channel)
+}
+
+// publishes is how many messages, poison included, sending valid ones takes.
+func (t traffic) publishes(valid int) int {
+	if t.poisonEvery == 0 {
+		return valid
+	}
+	return valid + valid/t.poisonEvery
+}
+
+func (t traffic) send(ctx context.Context) func(seq int) error {
+	return func(seq int) error {
+		ch := t.w.channels[seq%len(t.w.channels)]
+		if err := t.b.publish(ctx, t.exchange, t.routingKey(ch), ch, t.w.body(seq, time.Now())); err != nil {
+			return err
+		}
+		if t.poisonEvery > 0 && seq%t.poisonEvery == t.poisonEvery-1 {
+			return t.b.publish(ctx, t.exchange, t.routingKey(poisonChannel), poisonChannel, t.w.body(seq, time.Now()))
+		}
+		return nil
+	}
+}
+
+// offerTo runs offer with t's messages into s, settling on the broker's
+// confirms. They are awaited while publishing: the confirm buffer is
+// smaller than a long run.
+func (t traffic) offerTo(ctx context.Context, s *sink, rate int, d time.Duration) (stream, error) {
+	confirmed := make(chan error, 1)
+	total := int(float64(rate) * d.Seconds())
+	go func() { confirmed <- t.b.awaitConfirms(t.publishes(total)) }()
+	return offer(ctx, s, rate, d, t.send(ctx), func() error { return <-confirmed })
+}
+
+// latencyResult is one offered rate's figures through the relay.
+type latencyResult struct {
+	stream
+	relayCPU float64 // relay CPU, fraction of one core, over the run
+	// The relay's own histogram: producer publish → Nginx accepted, as the
+	// upper bound of the bucket holding p50 and p99, in seconds.
+	lagP50, lagP99 float64
+	retries        float64 // publish attempts the relay had to retry
+}
+
+// latencyRun publishes t at rate msg/s for d through the relay to the
+// subscribers, then waits for them to receive everything (up to 10 s more).
+func latencyRun(ctx context.Context, t traffic, subs *subscribers, rate int, d time.Duration, relay *stack.Relay) (latencyResult, error) {
+	relayPid := relay.Pid()
+	lag0 := lagBuckets(relay)
+	cpu0 := procCPU(relayPid)
+	retries0 := relay.Metric("pushrelay_publish_retries_total")
+	s, err := t.offerTo(ctx, &subs.sink, rate, d)
+	res := latencyResult{stream: s}
+	if err != nil {
+		return res, err
+	}
+	res.relayCPU = (procCPU(relayPid) - cpu0).Seconds() / res.elapsed.Seconds()
+	lag1 := lagBuckets(relay)
+	res.lagP50, res.lagP99 = lagQuantile(lag0, lag1, 0.5), lagQuantile(lag0, lag1, 0.99)
+	res.retries = relay.Metric("pushrelay_publish_retries_total") - retries0
 	return res, nil
 }
 

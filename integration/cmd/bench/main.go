@@ -10,7 +10,19 @@
 //	    live subscribers, at 2k, 5k and 10k msg/s: p50, p99, max;
 //	(e) allocations per message on the publish path (go test -bench).
 //
-// Bodies are 200 bytes over 1000 channels. Run it with `make bench`.
+// Bodies are 200 bytes over 1000 channels. Then, on each module of
+// -modules (Nchan, Push Stream), issue 8's parts, over 100 channels on a
+// vhost of their own (modules.go):
+//
+//	(f) poison storm: the valid messages' p99 with and without poison
+//	    messages beside them;
+//	(g) a latency ladder: the relay's p50/p99 at each rate beside the AMQP
+//	    floor and the Nginx floor measured in the same run (floors.go);
+//	(h) TCP loopback against a Unix socket between relay and Nginx: CPU
+//	    per message of the relay and of Nginx draining the same backlog;
+//	(hot) one hot channel against the same rate spread over 100 channels.
+//
+// -parts selects what runs. Run it with `make bench`.
 package main
 
 import (
@@ -22,6 +34,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -43,14 +56,20 @@ type options struct {
 	// publisher replaces Nginx in the drain, to see what bounds it.
 	publisher string
 	out       string
+	parts     map[string]bool
+	modules   []stack.Module
+	perModule moduleOptions
 }
+
+// allParts are -parts' names, in the order they run.
+const allParts = "drain,latency,allocs,socket,ladder,poison,hot"
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "rawconsume" {
 		os.Exit(rawConsumeMain(os.Args[2:]))
 	}
 	var o options
-	var rates string
+	var rates, parts, modules string
 	flag.StringVar(&o.amqpURL, "amqp", "amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ URL")
 	flag.StringVar(&o.bin, "bin", envOr("PUSHRELAY_BIN", "bin/pushrelay"), "pushrelay binary")
 	flag.IntVar(&o.backlog, "backlog", 200_000, "messages in the drain backlog")
@@ -63,14 +82,25 @@ func main() {
 	flag.IntVar(&o.workers, "nginx-workers", 2, "Nginx worker processes")
 	flag.StringVar(&o.publisher, "publisher", "", "diagnostic: drain into this publish URL instead of the bench's Nginx")
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
+	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot")
+	flag.StringVar(&modules, "modules", "nchan,pushstream", "modules for socket, ladder, poison and hot")
+	o.perModule.flags()
 	flag.Parse()
-	for _, r := range strings.Split(rates, ",") {
-		if r == "" {
-			continue
-		}
+	for _, r := range list(rates) {
 		var v int
 		fmt.Sscan(r, &v)
 		o.rates = append(o.rates, v)
+	}
+	o.parts = map[string]bool{}
+	for _, p := range list(parts) {
+		if !slices.Contains(list(allParts), p) {
+			fmt.Fprintf(os.Stderr, "bench: -parts: unknown part %q (want some of %s)\n", p, allParts)
+			os.Exit(2)
+		}
+		o.parts[p] = true
+	}
+	for _, m := range list(modules) {
+		o.modules = append(o.modules, stack.Module(m))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -78,6 +108,17 @@ func main() {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// list splits a comma-separated flag value, skipping empty items.
+func list(s string) []string {
+	var out []string
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 func envOr(k, def string) string {
@@ -88,12 +129,36 @@ func envOr(k, def string) string {
 }
 
 func run(ctx context.Context, o options) error {
+	rep := newReport(o)
+	if o.parts["drain"] || o.parts["latency"] || o.parts["allocs"] {
+		if err := runRelayParts(ctx, o, rep); err != nil {
+			return err
+		}
+	}
+	if o.parts["socket"] || o.parts["ladder"] || o.parts["poison"] || o.parts["hot"] {
+		for _, m := range o.modules {
+			res, err := runModule(ctx, o, m)
+			if err != nil {
+				return fmt.Errorf("%s: %w", m, err)
+			}
+			rep.modules = append(rep.modules, res)
+		}
+	}
+	text := rep.String()
+	fmt.Print(text)
+	if o.out != "" {
+		return os.WriteFile(o.out, []byte(text), 0o644)
+	}
+	return nil
+}
+
+// runRelayParts is (a) to (e), on Nginx + Nchan.
+func runRelayParts(ctx context.Context, o options, rep *report) error {
 	dir, err := os.MkdirTemp("", "pushrelay-bench")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	rep := newReport(o)
 
 	ngx, err := stack.StartNginx(stack.NginxOptions{Dir: dir, Workers: o.workers})
 	if err != nil {
@@ -106,6 +171,7 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	defer b.close()
+	defer func() { rep.blocked = b.blockedFor() }()
 	exchange := fmt.Sprintf("pushrelay.bench.%d", time.Now().Unix())
 	const host = "bench"
 	relayQueue, rawQueue := "pushrelay."+host, "pushrelay.bench-raw"
@@ -115,8 +181,52 @@ func run(ctx context.Context, o options) error {
 	if o.backlog == 0 {
 		return latencyOnly(ctx, o, ngx, b, exchange, dir, msgs)
 	}
-	// (a) the raw consumer, on a queue with the same arguments as the
-	// relay's and the same messages.
+	relay, err := stack.NewRelay(o.bin, dir, stack.RelayConfig{
+		Host: host, AMQPURL: o.amqpURL, Exchange: exchange, Publish: cmp.Or(o.publisher, ngx.PublishURL()),
+		Prefetch: o.prefetch, Connections: o.lanes, Pipeline: o.pipeline,
+	})
+	if err != nil {
+		return err
+	}
+	if o.parts["drain"] {
+		if err := drainParts(ctx, o, b, relay, exchange, rawQueue, msgs, rep); err != nil {
+			return err
+		}
+	}
+
+	// (d) latency with live subscribers; the relay keeps running.
+	if o.parts["latency"] {
+		if err := relay.Start(); err != nil {
+			return err
+		}
+		defer relay.Stop()
+		subs, err := subscribeAll(ctx, ngx, msgs.channels)
+		if err != nil {
+			return err
+		}
+		defer subs.close()
+		for _, rate := range o.rates {
+			progress("(d) %d msg/s for %s with %d EventSource subscribers", rate, o.duration, len(msgs.channels))
+			lr, err := latencyRun(ctx, traffic{b: b, exchange: exchange, w: msgs}, subs, rate, o.duration, relay)
+			if err != nil {
+				return err
+			}
+			rep.latency = append(rep.latency, lr)
+		}
+	}
+
+	// (e) allocations on the publish path.
+	if o.parts["allocs"] {
+		progress("(e) go test -bench BenchmarkPublish -benchmem ./sidecar/publish/")
+		rep.allocs = benchAllocs()
+	}
+	return nil
+}
+
+// drainParts are (a) the raw consumer, on a queue with the same arguments
+// as the relay's and the same messages, and (b) the relay draining the
+// same backlog.
+func drainParts(ctx context.Context, o options, b *broker, relay *stack.Relay, exchange, rawQueue string, msgs workload, rep *report) error {
 	progress("(a) publishing a %d-message backlog for the raw consumer", o.backlog)
 	if err := b.declareLike(rawQueue); err != nil {
 		return err
@@ -130,60 +240,9 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	rep.raw = raw
-
-	// (b) the relay. A first start declares its queue and bindings; it is
-	// stopped while the backlog is published and started again to drain.
-	relay, err := stack.NewRelay(o.bin, dir, stack.RelayConfig{
-		Host: host, AMQPURL: o.amqpURL, Exchange: exchange, Publish: cmp.Or(o.publisher, ngx.PublishURL()),
-		Prefetch: o.prefetch, Connections: o.lanes, Pipeline: o.pipeline,
-	})
-	if err != nil {
-		return err
-	}
-	if err := relay.Start(); err != nil {
-		return err
-	}
-	relay.Stop()
-	progress("(b) publishing a %d-message backlog for the relay", o.backlog)
-	if err := b.publishBacklog(ctx, exchange, routingKey, msgs, o.backlog); err != nil {
-		return err
-	}
-	progress("(b) relay draining it into Nginx")
-	drained, err := drainWithRelay(ctx, relay, o.backlog)
-	if err != nil {
-		return err
-	}
-	rep.relay = drained
-
-	// (d) latency with live subscribers; the relay keeps running.
-	if err := relay.Start(); err != nil {
-		return err
-	}
-	defer relay.Stop()
-	subs, err := subscribeAll(ctx, ngx, msgs.channels)
-	if err != nil {
-		return err
-	}
-	defer subs.close()
-	for _, rate := range o.rates {
-		progress("(d) %d msg/s for %s with %d EventSource subscribers", rate, o.duration, len(msgs.channels))
-		lr, err := latencyRun(ctx, b, exchange, msgs, subs, rate, o.duration, relay)
-		if err != nil {
-			return err
-		}
-		rep.latency = append(rep.latency, lr)
-	}
-
-	// (e) allocations on the publish path.
-	progress("(e) go test -bench BenchmarkPublish -benchmem ./sidecar/publish/")
-	rep.allocs = benchAllocs()
-
-	text := rep.String()
-	fmt.Print(text)
-	if o.out != "" {
-		return os.WriteFile(o.out, []byte(text), 0o644)
-	}
-	return nil
+	progress("(b) relay draining a %d-message backlog into Nginx", o.backlog)
+	rep.relay, err = drainBacklog(ctx, relay, b, exchange, msgs, o.backlog, nil)
+	return err
 }
 
 func progress(format string, args ...any) {
@@ -235,7 +294,7 @@ func latencyOnly(ctx context.Context, o options, ngx *stack.Nginx, b *broker, ex
 	}
 	defer subs.close()
 	for _, rate := range o.rates {
-		l, err := latencyRun(ctx, b, exchange, w, subs, rate, o.duration, relay)
+		l, err := latencyRun(ctx, traffic{b: b, exchange: exchange, w: w}, subs, rate, o.duration, relay)
 		if err != nil {
 			return err
 		}

@@ -14,6 +14,7 @@ command -v setpriv >/dev/null || need+=(util-linux)     # the no-privileges prob
 command -v systemd-analyze >/dev/null || need+=(systemd) # unit verify and security score (packaging tests)
 command -v strace >/dev/null || need+=(strace)           # the unit's SystemCallFilter check
 command -v go-md2man >/dev/null || need+=(go-md2man)     # the man page
+command -v promtool >/dev/null || need+=(prometheus)     # monitoring/: rules and dashboard checked against a real Prometheus
 # The Push Stream test build (integration/pushstream.mk), only where its
 # sources are: ../shared/vendor next to the checkout.
 if [ -d "$(dirname "$0")/../../shared/vendor" ]; then
@@ -33,9 +34,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   # Debian starts nginx on :80 when it installs it; the tests bring their own.
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-  if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-    systemctl stop nginx || true
-  fi
+  # Likewise prometheus on :9090; the monitoring test runs its own.
+  for svc in nginx prometheus; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      systemctl stop "$svc" || true
+    fi
+  done
 fi
 
 # RabbitMQ: this machine kind starts it before the session; a fresh machine

@@ -182,12 +182,10 @@ func checkSSEIDs(t *testing.T, m stack.Module, subs []*Subscriber) {
 // pipelined right behind a request Nginx refused.
 //
 // On Push Stream an empty body is poison too: the module answers 400 ("Empty
-// post requests are not allowed") and the relay dead-letters it as
-// nginx_400 after its refusal grace, provided other channels publish
-// meanwhile: with no other traffic the relay cannot tell a refused message
-// from a publisher that refuses everything, and holds the channel. So the
-// Push Stream run keeps another channel busy, as a live site does. Nchan
-// stores and delivers an empty message, so it is not sent there.
+// post requests are not allowed") to every one, so the relay dead-letters
+// it as empty_body without sending it (alone on a quiet host, a 400 would
+// look like a misconfigured publisher and hold the channel). Nchan stores
+// and delivers an empty message, so it is not sent there.
 func TestPoisonIsDeadLetteredWithReason(t *testing.T) {
 	eachModule(t, func(t *testing.T, m stack.Module) { testPoison(t, m) })
 }
@@ -221,20 +219,6 @@ func testPoison(t *testing.T, m stack.Module) {
 	if m == stack.PushStream {
 		last = 8
 		msgs = append(msgs, Msg{Channel: ch, Body: []byte{}}, valid(last))
-		stop := make(chan struct{})
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(100 * time.Millisecond):
-					p.broker.Publish(Msg{Channel: "poison:traffic", Body: []byte("1")})
-				}
-			}
-		}()
-		defer func() { close(stop); <-done }()
 	}
 	p.broker.MustPublish(msgs...)
 	waitAll(t, subs, last, 30*time.Second)
@@ -248,7 +232,7 @@ func testPoison(t *testing.T, m stack.Module) {
 		"body_too_large":   "70 KiB body",
 	}
 	if m == stack.PushStream {
-		want["nginx_400"] = "empty body"
+		want["empty_body"] = "empty body"
 	}
 	var dead []amqp.Delivery
 	waitFor(t, "6 dead letters", 10*time.Second, func() bool {

@@ -19,7 +19,7 @@ import (
 // RelayConfig are the config values the tests, demo and benchmarks vary.
 type RelayConfig struct {
 	Host        string
-	AMQPURL     string
+	AMQPURL     string // one URL, or several comma-separated: amqp.urls
 	Exchange    string
 	Queue       string // [amqp] queue; empty: the relay's default, pushrelay.<host>
 	Publish     string // [push] url
@@ -51,7 +51,7 @@ func (c RelayConfig) TOML(metricsAddr string) string {
 state_dir = %q
 shutdown_timeout = "10s"
 [amqp]
-url = %q
+%s
 exchange = %q
 %sprefetch = %d
 %s
@@ -71,8 +71,21 @@ level = "info"
 format = "text"
 [probes]
 %s
-%s`, c.Host, c.StateDir, c.AMQPURL, c.Exchange, queue, def(c.Prefetch, 1024), c.AMQP, cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
+%s`, c.Host, c.StateDir, amqpURLKey(c.AMQPURL), c.Exchange, queue, def(c.Prefetch, 1024), c.AMQP, cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
 		def(c.MaxBody, 32768), c.Push, metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
+}
+
+// amqpURLKey renders the broker as amqp.url, or as amqp.urls for a
+// comma-separated list of cluster nodes.
+func amqpURLKey(urls string) string {
+	if !strings.Contains(urls, ",") {
+		return fmt.Sprintf("url = %q", urls)
+	}
+	var quoted []string
+	for _, u := range strings.Split(urls, ",") {
+		quoted = append(quoted, strconv.Quote(u))
+	}
+	return "urls = [" + strings.Join(quoted, ", ") + "]"
 }
 
 // Relay is the pushrelay binary running with a generated config.

@@ -43,6 +43,7 @@ type Config struct {
 // AMQP is the [amqp] section.
 type AMQP struct {
 	URL                 string   `toml:"url"`
+	URLs                []string `toml:"urls"`
 	URLFile             string   `toml:"url_file"`
 	Exchange            string   `toml:"exchange"`
 	Queue               string   `toml:"queue"`
@@ -50,6 +51,7 @@ type AMQP struct {
 	QueueType           string   `toml:"queue_type"`
 	MessageTTL          Duration `toml:"message_ttl"`
 	MaxLength           int      `toml:"max_length"`
+	DeliveryLimit       int      `toml:"delivery_limit"`
 	DeadLetterMaxLength int      `toml:"dead_letter_max_length"`
 	Heartbeat           Duration `toml:"heartbeat"`
 }
@@ -299,13 +301,24 @@ func (c *Config) Validate() error {
 	if c.AMQP.MessageTTL < 0 || c.AMQP.MaxLength < 0 || c.AMQP.DeadLetterMaxLength < 0 {
 		bad("amqp", "message_ttl, max_length and dead_letter_max_length must not be negative")
 	}
-	if c.AMQP.URL != "" && c.AMQP.URLFile != "" {
-		bad("amqp.url_file", "set either amqp.url or amqp.url_file, not both")
+	if n := btoi(c.AMQP.URL != "") + btoi(len(c.AMQP.URLs) > 0) + btoi(c.AMQP.URLFile != ""); n > 1 {
+		bad("amqp.urls", "set one of amqp.url, amqp.urls and amqp.url_file, not %d", n)
 	}
 	if c.AMQP.URL != "" {
 		if err := CheckAMQPURL(c.AMQP.URL); err != nil {
 			bad("amqp.url", "%v", err)
 		}
+	}
+	for i, u := range c.AMQP.URLs {
+		if err := CheckAMQPURL(u); err != nil {
+			bad("amqp.urls", "entry %d %v", i+1, err)
+		}
+	}
+	if c.AMQP.DeliveryLimit < 0 {
+		bad("amqp.delivery_limit", "must not be negative (0: the broker's default)")
+	}
+	if c.AMQP.DeliveryLimit > 0 && c.AMQP.QueueType != "quorum" {
+		bad("amqp.delivery_limit", "only quorum queues count deliveries (queue_type = \"quorum\")")
 	}
 	if c.Push.Dialect != DialectPushStream && c.Push.Dialect != DialectNchan {
 		bad("push.dialect", "must be %q or %q, got %q", DialectPushStream, DialectNchan, c.Push.Dialect)
@@ -375,22 +388,56 @@ func checkPublishURL(raw string) error {
 	return err
 }
 
-// AMQPURL resolves the broker URL: amqp.url, else the file in amqp.url_file,
-// else $PUSHRELAY_AMQP_URL, else the local default.
-func (c *Config) AMQPURL() (string, error) {
+// AMQPURLs resolves the broker nodes: amqp.urls, else amqp.url, else the
+// file in amqp.url_file, else $PUSHRELAY_AMQP_URL (the last two: one URL
+// per line, or comma-separated), else the local default. The file and the
+// environment are read at each call, so a new password there applies at
+// the next connect.
+func (c *Config) AMQPURLs() ([]string, error) {
 	switch {
+	case len(c.AMQP.URLs) > 0:
+		return c.AMQP.URLs, nil
 	case c.AMQP.URL != "":
-		return c.AMQP.URL, nil
+		return []string{c.AMQP.URL}, nil
 	case c.AMQP.URLFile != "":
 		b, err := os.ReadFile(c.AMQP.URLFile)
 		if err != nil {
-			return "", fmt.Errorf("amqp.url_file: %w", err)
+			return nil, fmt.Errorf("amqp.url_file: %w", err)
 		}
-		return strings.TrimSpace(string(b)), nil
+		return splitURLs("amqp.url_file", string(b))
 	case os.Getenv(EnvAMQPURL) != "":
-		return os.Getenv(EnvAMQPURL), nil
+		return splitURLs("$"+EnvAMQPURL, os.Getenv(EnvAMQPURL))
 	}
-	return "amqp://guest:guest@127.0.0.1:5672/", nil
+	return []string{"amqp://guest:guest@127.0.0.1:5672/"}, nil
+}
+
+func splitURLs(from, list string) ([]string, error) {
+	var urls []string
+	for _, u := range strings.FieldsFunc(list, func(r rune) bool { return r == ',' || r == '\n' || r == '\r' }) {
+		if u = strings.TrimSpace(u); u != "" {
+			urls = append(urls, u)
+		}
+	}
+	if len(urls) == 0 {
+		return nil, fmt.Errorf("%s: no URL in it", from)
+	}
+	return urls, nil
+}
+
+// RedactAll is Redact over a list, for logs.
+func RedactAll(urls []string) string {
+	out := make([]string, len(urls))
+	for i, u := range urls {
+		out[i] = Redact(u)
+	}
+	return strings.Join(out, ",")
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // CheckAMQPURL parses an AMQP URL as the connection will. Its error never

@@ -68,26 +68,36 @@ level = "loud"
 func TestAMQPURLSources(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "url")
-	if err := os.WriteFile(file, []byte("amqp://u:secret@broker:5672/\n"), 0o600); err != nil {
+	// A cluster, one node per line, as an operator writes the secret file.
+	if err := os.WriteFile(file, []byte("amqp://u:secret@rmq1:5672/\namqp://u:secret@rmq2:5672/\n\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	cfg, err := Parse([]byte("host = \"fe1\"\n[amqp]\nurl_file = \"" + file + "\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if u, err := cfg.AMQPURL(); err != nil || u != "amqp://u:secret@broker:5672/" {
+	if u, err := cfg.AMQPURLs(); err != nil || strings.Join(u, " ") != "amqp://u:secret@rmq1:5672/ amqp://u:secret@rmq2:5672/" {
 		t.Errorf("url_file: %q, %v", u, err)
 	}
-	t.Setenv(EnvAMQPURL, "amqp://env:pw@h/")
+	t.Setenv(EnvAMQPURL, "amqp://env:pw@h1/, amqp://env:pw@h2/")
 	cfg, _ = Parse([]byte(`host = "fe1"`))
-	if u, _ := cfg.AMQPURL(); u != "amqp://env:pw@h/" {
+	if u, _ := cfg.AMQPURLs(); strings.Join(u, " ") != "amqp://env:pw@h1/ amqp://env:pw@h2/" {
 		t.Errorf("env: %q", u)
 	}
-	if _, err := Parse([]byte("host = \"fe1\"\n[amqp]\nurl = \"amqp://a\"\nurl_file = \"/x\"\n")); err == nil {
-		t.Error("url and url_file together accepted")
+	cfg, err = Parse([]byte("host = \"fe1\"\n[amqp]\nurls = [\"amqp://a@r1/\", \"amqp://a@r2/\", \"amqp://a@r3/\"]\n"))
+	if u, _ := cfg.AMQPURLs(); err != nil || len(u) != 3 {
+		t.Errorf("urls: %q, %v", u, err)
 	}
-	if got := Redact("amqp://u:secret@broker:5672/"); strings.Contains(got, "secret") {
-		t.Errorf("Redact leaks the password: %s", got)
+	for _, both := range []string{"url = \"amqp://a\"\nurl_file = \"/x\"", "url = \"amqp://a\"\nurls = [\"amqp://b\"]"} {
+		if _, err := Parse([]byte("host = \"fe1\"\n[amqp]\n" + both + "\n")); err == nil {
+			t.Errorf("%q accepted", both)
+		}
+	}
+	if got := RedactAll([]string{"amqp://u:secret@rmq1:5672/", "amqp://u:secret@rmq2:5672/"}); strings.Contains(got, "secret") {
+		t.Errorf("RedactAll leaks the password: %s", got)
+	}
+	if _, err := Parse([]byte("host = \"fe1\"\n[amqp]\ndelivery_limit = 5\n")); err == nil {
+		t.Error("delivery_limit on a classic queue accepted")
 	}
 }
 

@@ -63,6 +63,9 @@ type Session struct {
 	// Mismatches says which queues exist with other arguments than asked
 	// for, and are used as they are.
 	Mismatches []string
+	// Cancelled receives the consumer tag when the broker cancels the
+	// consumer (the queue was deleted, or its node went away).
+	Cancelled <-chan string
 }
 
 // Open connects, declares the topology and starts consuming. bound lists
@@ -150,6 +153,9 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 		return fmt.Errorf("open consume channel: %w", err)
 	}
 	s.consume.NotifyClose(forward(closed))
+	// One consumer on the channel, so one cancel at most: the buffer keeps
+	// amqp091-go, which sends it synchronously, from ever waiting.
+	s.Cancelled = s.consume.NotifyCancel(make(chan string, 1))
 	if err := s.consume.Qos(s.opts.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("qos: %w", err)
 	}

@@ -27,10 +27,14 @@ const (
 	ReservedChannel Reason = "reserved_channel"
 	BodyTooLarge    Reason = "body_too_large"
 	InvalidHeader   Reason = "invalid_header"
+	// EmptyBody: Push Stream refuses an empty publish (400) whatever the
+	// channel, so the relay refuses it first on that dialect. Nchan
+	// delivers empty messages.
+	EmptyBody Reason = "empty_body"
 )
 
 // Reasons lists every reason, for pre-registering metrics.
-var Reasons = []Reason{NoChannel, InvalidChannel, ReservedChannel, BodyTooLarge, InvalidHeader}
+var Reasons = []Reason{NoChannel, InvalidChannel, ReservedChannel, BodyTooLarge, InvalidHeader, EmptyBody}
 
 // Message is a valid delivery's publishable content. Its strings and body
 // alias the delivery's memory: building one allocates nothing.

@@ -12,7 +12,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	neturl "net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -121,21 +124,45 @@ func New(conn *amqp.Connection, exchange string, count int, opts ...Option) (*Pu
 }
 
 // Dial connects to url and returns a Publisher that owns the connection.
+// url may name several nodes of a cluster, comma-separated; DialAny says
+// how they are tried.
 func Dial(url, exchange string, count int, opts ...Option) (*Publisher, error) {
-	conn, err := amqp.DialConfig(url, amqp.Config{
-		Heartbeat:  10 * time.Second,
-		Properties: amqp.Table{"connection_name": "pushrelay producer"},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("producer: dial: %w", err)
+	return DialAny(strings.Split(url, ","), exchange, count, opts...)
+}
+
+// DialAny connects to the first of urls that answers, starting from a
+// random one so that many producers spread over a cluster's nodes, and
+// returns a Publisher that owns the connection. It does not redial: after
+// a node's loss, Dial again.
+func DialAny(urls []string, exchange string, count int, opts ...Option) (*Publisher, error) {
+	if len(urls) == 0 {
+		return nil, errors.New("producer: no AMQP URL")
 	}
-	p, err := New(conn, exchange, count, opts...)
-	if err != nil {
-		_ = conn.Close()
-		return nil, err
+	first := rand.N(len(urls))
+	var errs []error
+	for i := range urls {
+		url := strings.TrimSpace(urls[(first+i)%len(urls)])
+		conn, err := amqp.DialConfig(url, amqp.Config{
+			Heartbeat:  10 * time.Second,
+			Properties: amqp.Table{"connection_name": "pushrelay producer"},
+		})
+		if err != nil {
+			var ue *neturl.Error
+			if errors.As(err, &ue) { // it quotes the URL, password and all
+				err = errors.New("the URL does not parse (not shown: it holds the password)")
+			}
+			errs = append(errs, fmt.Errorf("node %d: %w", (first+i)%len(urls)+1, err))
+			continue
+		}
+		p, err := New(conn, exchange, count, opts...)
+		if err != nil {
+			_ = conn.Close()
+			return nil, err
+		}
+		p.ownsConn = true
+		return p, nil
 	}
-	p.ownsConn = true
-	return p, nil
+	return nil, fmt.Errorf("producer: dial: %w", errors.Join(errs...))
 }
 
 // Publish sends m to the shard of its channel and returns once the broker

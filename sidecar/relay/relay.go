@@ -52,6 +52,11 @@ const (
 // changed something that a live session cannot.
 var errReconnect = errors.New("config change needs a new AMQP session")
 
+// errCancelled: the broker cancelled the consumer (the queue was deleted, or
+// the node holding it went away). A new session redeclares the queue and
+// binds it again, on whichever node answers.
+var errCancelled = errors.New("the broker cancelled the consumer")
+
 // Hooks let other parts of the daemon follow config reloads.
 type Hooks struct {
 	// OnReload runs in the relay loop after a new config is accepted.
@@ -69,14 +74,14 @@ type Relay struct {
 	reloads chan config.Config
 
 	// Read by /metrics and /readyz.
-	inFlight       atomic.Int64
-	oldestPending  atomic.Int64           // unix ns the oldest unsettled delivery arrived; 0 when none
-	unapplied      atomic.Pointer[string] // why the desired config is not yet in force; nil when it is
-	connectErr     atomic.Pointer[string] // why the last connect failed, for /readyz
+	inFlight      atomic.Int64
+	oldestPending atomic.Int64           // unix ns the oldest unsettled delivery arrived; 0 when none
+	unapplied     atomic.Pointer[string] // why the desired config is not yet in force; nil when it is
+	connectErr    atomic.Pointer[string] // why the last connect failed, for /readyz
 	// dialled is the broker URL the last connect used: amqp.url_file or
 	// the environment may say something else by now (a new password).
-	dialled atomic.Pointer[string]
-	unacked        atomic.Int64           // delivered on the current session, not yet acked or rejected
+	dialled        atomic.Pointer[string]
+	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
 	consuming      atomic.Bool
 	shardsOwned    atomic.Int64
 	shardsDraining atomic.Int64
@@ -98,6 +103,7 @@ type Relay struct {
 	// (a publisher rebuild, a reconnect). It outlives a session: a drop
 	// before it ran must not lose it.
 	pending func(abandoned bool) error
+	node    string // the broker node the session is on, redacted, for the log
 }
 
 // New prepares a relay for cfg, which must be valid. level is the logger's
@@ -204,19 +210,29 @@ func (r *Relay) checkReload(prev, next config.Config) error {
 		return fmt.Errorf("amqp.dead_letter_max_length: %s is shared by every frontend and keeps the length it was created with: use a policy",
 			consume.DeadLetterQueue)
 	}
-	prevURL, _ := prev.AMQPURL()
+	prevURLs, _ := prev.AMQPURLs()
+	prevList := strings.Join(prevURLs, "\n")
 	if d := r.dialled.Load(); d != nil {
-		prevURL = *d
+		prevList = *d
 	}
-	nextURL, err := next.AMQPURL()
+	nextURLs, err := next.AMQPURLs()
 	if err != nil {
 		return err
 	}
-	if nextURL != prevURL {
+	if strings.Join(nextURLs, "\n") != prevList {
 		ctx, cancel := context.WithTimeout(context.Background(), amqpTimeout)
 		defer cancel()
-		if err := consume.Try(ctx, nextURL, amqpTimeout); err != nil {
-			return fmt.Errorf("the new AMQP URL %s does not work, so the current one stays: %w", config.Redact(nextURL), err)
+		var errs []error
+		for _, u := range nextURLs { // one node that answers is enough
+			err := consume.Try(ctx, u, amqpTimeout)
+			if err == nil {
+				errs = nil
+				break
+			}
+			errs = append(errs, fmt.Errorf("%s: %w", config.Redact(u), err))
+		}
+		if err := errors.Join(errs...); err != nil {
+			return fmt.Errorf("no node of the new AMQP URLs answers, so the current ones stay: %w", err)
 		}
 	}
 	return nil
@@ -271,7 +287,7 @@ func (r *Relay) Run(ctx context.Context) error {
 			// desired AMQP settings: nothing is left to apply.
 			r.setUnapplied("")
 		}
-		r.log.Info("consuming", "queue", r.cfg.AMQP.Queue, "shards", len(r.bound), "gen", r.gen)
+		r.log.Info("consuming", "queue", r.cfg.AMQP.Queue, "node", r.node, "shards", len(r.bound), "gen", r.gen)
 		began := time.Now()
 		err = r.serve(ctx, sess)
 		r.consuming.Store(false)
@@ -286,6 +302,10 @@ func (r *Relay) Run(ctx context.Context) error {
 			return nil
 		case errors.Is(err, errReconnect):
 			r.log.Info("reconnecting to apply the new config")
+			continue
+		case errors.Is(err, errCancelled) && time.Since(began) >= minHealthySession:
+			r.log.Warn("the broker cancelled the consumer; redeclaring and consuming again", "node", r.node)
+			failures = 0
 			continue
 		}
 		r.log.Warn("AMQP session lost", "err", err)
@@ -304,14 +324,52 @@ func (r *Relay) Run(ctx context.Context) error {
 }
 
 func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
-	url, err := r.cfg.AMQPURL()
+	urls, err := r.cfg.AMQPURLs()
 	if err != nil {
 		return nil, err
 	}
-	r.dialled.Store(&url)
+	joined := strings.Join(urls, "\n")
+	r.dialled.Store(&joined)
 	r.gen++
 	r.pool.Load().SetGen(r.gen)
 	a := r.cfg.AMQP
+	o := consume.Options{
+		Exchange:   a.Exchange,
+		Queue:      a.Queue,
+		QueueArgs:  queueArgs(a),
+		DeadMaxLen: a.DeadLetterMaxLength,
+		Prefetch:   a.Prefetch,
+		Heartbeat:  a.Heartbeat.D(),
+		Timeout:    amqpTimeout,
+		Consumer:   "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
+	}
+	// Every node in turn, from a random one, so that five relays whose
+	// node died do not all stampede the same survivor.
+	first := rand.N(len(urls))
+	var errs []error
+	for i := range urls {
+		o.URL = urls[(first+i)%len(urls)]
+		sess, err := consume.Open(ctx, o, r.cfg.Shards.Count, func(s int) bool { return r.bound[s] })
+		if err == nil {
+			r.node = config.Redact(o.URL)
+			r.consuming.Store(true)
+			return sess, nil
+		}
+		err = fmt.Errorf("%s: %w", config.Redact(o.URL), err)
+		if errors.Is(err, consume.ErrQueueTaken) || ctx.Err() != nil {
+			return nil, err // not the node's fault: another node would say the same
+		}
+		errs = append(errs, err)
+	}
+	return nil, errors.Join(errs...)
+}
+
+// queueArgs are the host queue's arguments. A quorum queue drops the oldest
+// message when full, as a classic one does: for a realtime feed the newest
+// comments matter most, and producers are never refused. That makes its
+// dead-lettering at-most-once (at-least-once needs x-overflow
+// reject-publish, which would push a full queue back onto the web tier).
+func queueArgs(a config.AMQP) amqp.Table {
 	args := amqp.Table{
 		"x-queue-type":           a.QueueType,
 		"x-dead-letter-exchange": consume.DeadLetterExchange,
@@ -323,22 +381,13 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 		args["x-max-length"] = int64(a.MaxLength)
 		args["x-overflow"] = "drop-head"
 	}
-	sess, err := consume.Open(ctx, consume.Options{
-		URL:        url,
-		Exchange:   a.Exchange,
-		Queue:      a.Queue,
-		QueueArgs:  args,
-		DeadMaxLen: a.DeadLetterMaxLength,
-		Prefetch:   a.Prefetch,
-		Heartbeat:  a.Heartbeat.D(),
-		Timeout:    amqpTimeout,
-		Consumer:   "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
-	}, r.cfg.Shards.Count, func(s int) bool { return r.bound[s] })
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", config.Redact(url), err)
+	if a.DeliveryLimit > 0 {
+		// Past it the queue dead-letters the message itself, with
+		// x-death reason delivery_limit: a relay that crash-loops on a
+		// message (or is SIGKILLed with it in flight) spends it.
+		args["x-delivery-limit"] = int64(a.DeliveryLimit)
 	}
-	r.consuming.Store(true)
-	return sess, nil
+	return args
 }
 
 func (r *Relay) startPool() error {
@@ -450,6 +499,8 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			}
 		case e := <-sess.Closed:
 			return fmt.Errorf("closed by broker or network: %w", e)
+		case <-sess.Cancelled:
+			return errCancelled
 		case <-done:
 			stopping, done, deliveries = true, nil, nil
 			quiesceTimer = nil // a rebuild waits for the next start
@@ -537,6 +588,11 @@ func (r *Relay) handleDelivery(s *session, d *amqp.Delivery) error {
 		return err
 	}
 	msg, reason := message.Parse(d, r.cfg.Push.MaxBody)
+	if reason == message.OK && len(msg.Body) == 0 && r.cfg.Push.Dialect == config.DialectPushStream {
+		// Push Stream answers 400 to every empty publish; alone on a
+		// quiet host that would look like a misconfigured publisher.
+		reason = message.EmptyBody
+	}
 	if reason != message.OK {
 		p := amqp.Publishing{
 			Headers: d.Headers, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,

@@ -3,6 +3,7 @@ package relay
 import (
 	"log/slog"
 	"reflect"
+	"strings"
 	"time"
 
 	"github.com/pushrelay/pushrelay/sidecar/config"
@@ -68,8 +69,8 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce f
 // the config itself.
 func (r *Relay) urlChanged(next config.Config) bool {
 	d := r.dialled.Load()
-	url, err := next.AMQPURL()
-	return d != nil && err == nil && url != *d
+	urls, err := next.AMQPURLs()
+	return d != nil && err == nil && strings.Join(urls, "\n") != *d
 }
 
 // rebuildPool starts a publisher for the current config, then stops the

@@ -47,14 +47,14 @@ func runPublish(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "pushrelay publish: read body:", err)
 		return 1
 	}
-	url, err := cfg.AMQPURL()
+	urls, err := cfg.AMQPURLs()
 	if err != nil {
 		fmt.Fprintln(stderr, "pushrelay publish:", err)
 		return 1
 	}
-	p, err := producer.Dial(url, cfg.AMQP.Exchange, cfg.Shards.Count, producer.WithMaxBody(cfg.Push.MaxBody))
+	p, err := producer.DialAny(urls, cfg.AMQP.Exchange, cfg.Shards.Count, producer.WithMaxBody(cfg.Push.MaxBody))
 	if err != nil {
-		fmt.Fprintf(stderr, "pushrelay publish: %s: %v\n", config.Redact(url), err)
+		fmt.Fprintf(stderr, "pushrelay publish: %s: %v\n", config.RedactAll(urls), err)
 		return 1
 	}
 	defer p.Close()

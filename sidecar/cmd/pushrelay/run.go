@@ -93,11 +93,11 @@ func serve(cfg config.Config, path string, log *slog.Logger, level *slog.LevelVa
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	notify := sdnotify.FromEnv()
-	amqpURL, err := cfg.AMQPURL()
+	amqpURLs, err := cfg.AMQPURLs()
 	if err != nil {
 		return err
 	}
-	log.Info("starting", "version", version.Version, "host", cfg.Host, "amqp", config.Redact(amqpURL),
+	log.Info("starting", "version", version.Version, "host", cfg.Host, "amqp", config.RedactAll(amqpURLs),
 		"queue", cfg.AMQP.Queue, "publisher", cfg.Push.URL, "dialect", cfg.Push.Dialect)
 
 	reg := telemetry.New()

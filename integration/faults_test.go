@@ -89,6 +89,23 @@ func deadLettersOf(t *testing.T, b *Broker, queue string, n int, timeout time.Du
 	return mine
 }
 
+// brokerUnacked is what RabbitMQ counts unacknowledged on queue.
+func brokerUnacked(t *testing.T, queue string) int {
+	t.Helper()
+	out, err := exec.Command("rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged").Output()
+	if err != nil {
+		t.Fatalf("rabbitmqctl list_queues: %v", err)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == queue {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	t.Fatalf("queue %s not listed", queue)
+	return 0
+}
+
 // readyz returns the relay's /readyz status and body.
 func readyz(t *testing.T, r *RelayProc) (int, string) {
 	t.Helper()
@@ -128,6 +145,11 @@ func TestStuckChannelHoldsUpOnlyItself(t *testing.T) {
 		})
 		if got := p.relay.Metric("pushrelay_messages_in_flight"); got < 1 {
 			t.Errorf("in flight %v while the stuck channel waits, want ≥ 1", got)
+		}
+		// The broker's own count: an ack past the stuck head must never
+		// cover it, or a crash now would lose it.
+		if got := brokerUnacked(t, "pushrelay."+p.host); got != 2 {
+			t.Errorf("the broker holds %d messages unacked while the stuck channel waits, want its 2", got)
 		}
 		if got := p.relay.Metric("pushrelay_publish_oldest_pending_seconds"); got <= 0 {
 			t.Errorf("oldest pending %v s while the stuck channel waits, want > 0", got)

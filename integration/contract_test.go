@@ -431,7 +431,7 @@ func TestRefusedMessageIsDeadLetteredWhole(t *testing.T) {
 		}
 		const publishedAt = int64(1764000000123456)
 		refusedMsg := Msg{Channel: ch, Body: body, Type: "comment", ID: "big-1", ContentType: "application/octet-stream",
-			Headers: amqp.Table{"published_at": publishedAt}}
+			Headers: amqp.Table{"published_at": publishedAt, "x-trace": "req-7f3a"}}
 		b.MustPublish(refusedMsg, Msg{Channel: ch, Body: []byte("1"), ID: "1", Type: "comment"})
 		if _, err := waitCheck(sub, 1, 30*time.Second); err != nil {
 			t.Errorf("the message behind the refused one: %v", err)
@@ -459,6 +459,7 @@ func TestRefusedMessageIsDeadLetteredWhole(t *testing.T) {
 			"x-pushrelay-reason": "nginx_413",
 			"x-pushrelay-queue":  queue,
 			"x-pushrelay-status": int64(413), // optional; compared as a number
+			"x-trace":            "req-7f3a", // the producer's own: copied, not dropped
 		}
 		for k, v := range want {
 			got, ok := d.Headers[k]

@@ -2,7 +2,7 @@
 # Mutation check for the integration suite: plant one known bug at a time
 # and see which test catches it.
 #
-#   scripts/mutants.sh [-k] [-no-baseline] [NAME...]   (default: every scripts/mutants/*.patch)
+#   scripts/mutants.sh [-k] [-no-baseline] [-clean] [NAME...]   (default: every scripts/mutants/*.patch)
 #
 # For each mutant scripts/mutants/NAME.patch, a throwaway `git worktree` of
 # HEAD is made under /tmp, the patch applied there and the relay built from
@@ -15,20 +15,23 @@
 # to HEAD is reported as STALE: regenerate it against the current code.
 #
 # -k keeps the worktrees and logs; -no-baseline trusts that the tests pass
-# on HEAD (faster, but a test broken on HEAD then "catches" everything).
+# on HEAD (faster, but a test broken on HEAD then "catches" everything);
+# -clean runs the tests as committed (from a worktree of HEAD) rather than
+# from this working tree, for when it holds someone's half-done edits.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export PATH=/usr/local/go/bin:$PATH
 
-keep=0 baseline=1
+keep=0 baseline=1 clean=0
 names=()
 for a in "$@"; do
 	case $a in
 	-k) keep=1 ;;
 	-no-baseline) baseline=0 ;;
-	-h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+	-clean) clean=1 ;;
+	-h | --help) sed -n '2,21p' "$0"; exit 0 ;;
 	-*) echo "unknown flag $a" >&2; exit 2 ;;
 	*) names+=("$a") ;;
 	esac
@@ -39,7 +42,7 @@ fi
 
 work=$(mktemp -d /tmp/pushrelay-mutants.XXXXXX)
 cleanup() {
-	for wt in "$work"/*/; do [ -d "$wt" ] && git worktree remove --force "$wt" 2>/dev/null; done
+	for wt in "$work"/*/; do [ -d "$wt" ] && { git worktree remove --force "$wt" 2>/dev/null || true; }; done
 	git worktree prune
 	if [ $keep = 0 ]; then rm -rf "$work"; else echo "kept $work"; fi
 }
@@ -47,6 +50,18 @@ trap cleanup EXIT
 
 head=$(git rev-parse --short HEAD)
 echo "mutants against HEAD $head; work dir $work"
+
+# Where the tests run from, and the Push Stream nginx they need: a worktree
+# has no .build/ of its own, nor a ../shared beside it.
+testdir=$root
+if [ $clean = 1 ]; then
+	testdir=$work/tests
+	git worktree add -q --detach "$testdir" HEAD
+	echo "tests as committed at $head, from $testdir"
+fi
+if [ -z "${PUSHRELAY_PUSHSTREAM_NGINX:-}" ] && [ -x "$root/.build/pushstream/nginx/sbin/nginx" ]; then
+	export PUSHRELAY_PUSHSTREAM_NGINX=$root/.build/pushstream/nginx/sbin/nginx
+fi
 
 # testsOf prints the test regex a patch names.
 testsOf() { sed -n 's/^# tests: *//p' "scripts/mutants/$1.patch" | head -1; }
@@ -73,7 +88,7 @@ build() {
 # not run to the end (build failure, panic, timeout): no verdict then.
 runTests() {
 	local bin=$1 regex=$2 log=$3 rc=0
-	PUSHRELAY_BIN=$bin go test -count=1 -p 1 -timeout 20m -v -run "$regex" ./integration/ >"$log" 2>&1 || rc=$?
+	(cd "$testdir" && PUSHRELAY_BIN=$bin go test -count=1 -p 1 -timeout 20m -v -run "$regex" ./integration/) >"$log" 2>&1 || rc=$?
 	if ! grep -qE '^(ok|FAIL)\s+github.com/' "$log" || grep -qE '^panic: |\[build failed\]|\[setup failed\]' "$log" ||
 		! grep -qE '^\s*--- (PASS|FAIL)' "$log"; then
 		echo "!ERROR"

@@ -10,6 +10,7 @@ command -v nginx >/dev/null || need+=(nginx-light)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
+[ -d /usr/lib/python3/dist-packages/pika ] || need+=(python3-pika) # producer/python (Debian's python3)
 command -v setpriv >/dev/null || need+=(util-linux)     # the no-privileges probe and relay tests
 command -v systemd-analyze >/dev/null || need+=(systemd) # unit verify and security score (packaging tests)
 command -v strace >/dev/null || need+=(strace)           # the unit's SystemCallFilter check

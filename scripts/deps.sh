@@ -15,6 +15,7 @@ command -v setpriv >/dev/null || need+=(util-linux)     # the no-privileges prob
 command -v systemd-analyze >/dev/null || need+=(systemd) # unit verify and security score (packaging tests)
 command -v strace >/dev/null || need+=(strace)           # the unit's SystemCallFilter check
 command -v go-md2man >/dev/null || need+=(go-md2man)     # the man page
+command -v tmux >/dev/null || need+=(tmux)               # pushrelay top in a real terminal (integration/top_test.go)
 command -v promtool >/dev/null || need+=(prometheus)     # monitoring/: rules and dashboard checked against a real Prometheus
 # The Push Stream test build (integration/pushstream.mk), only where its
 # sources are: ../shared/vendor next to the checkout.

@@ -23,6 +23,8 @@ commands:
                                    print a balanced [shards.map]; with -from, the one moving the fewest shards
   publish [-config FILE] -channel C [-type T] [-id ID] [-content-type CT] < body
                                    publish one message as the web tier does
+  top [-interval 1s] [-once] [[NAME=]ADDR...]
+                                   live view of relays' /metrics, one row per host (default 127.0.0.1:9470)
   version                          print the version
 `
 
@@ -48,6 +50,8 @@ func dispatch(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return runPlan(rest, stdout, stderr)
 	case "publish":
 		return runPublish(rest, stdin, stdout, stderr)
+	case "top":
+		return runTop(rest, stdin, stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "pushrelay", version.Version)
 		return 0

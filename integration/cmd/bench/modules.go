@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -30,6 +31,7 @@ type moduleOptions struct {
 	hotBacklog    int
 	socketBacklog int
 	socketRounds  int
+	rounds        int
 	relayLog      bool
 }
 
@@ -43,6 +45,7 @@ func (o *moduleOptions) flags() {
 	flag.IntVar(&o.socketBacklog, "socket-backlog", 50_000, "(h) messages in each backlog drained")
 	flag.BoolVar(&o.relayLog, "relay-log", false, "diagnostic: print each module's relay log to stderr at the end")
 	flag.IntVar(&o.socketRounds, "socket-rounds", 2, "(h) drains per transport, in ABBA order")
+	flag.IntVar(&o.rounds, "rounds", 3, "(f), (g), (hot): each latency run is this many rounds of -duration/rounds, its conditions in rotation; figures are the median round's")
 }
 
 // moduleResult is one module's figures; skipped says why there are none.
@@ -62,17 +65,17 @@ type socketDrain struct {
 }
 
 type ladderStep struct {
-	relay                 latencyResult
-	floorAMQP, floorNginx stream
+	rate                         int
+	relay, floorAMQP, floorNginx rounds
 }
 
 type poisonResult struct {
-	clean, storm latencyResult
+	clean, storm rounds
 	deadLettered float64 // by the relay during the storm
 }
 
 type hotResult struct {
-	hot, spread           latencyResult
+	hot, spread           rounds
 	hotDrain, spreadDrain drain
 }
 
@@ -240,7 +243,7 @@ func (mb *moduleBench) drain(ctx context.Context, url string, w workload, n int)
 	return drainBacklog(ctx, mb.relay, mb.b, mb.exchange, w, n, nginxPids(mb.ngx.Pid()))
 }
 
-// (g): at each rate, the relay, then the AMQP floor, then the Nginx floor.
+// (g): at each rate, the relay, the AMQP floor and the Nginx floor.
 func (mb *moduleBench) ladder(ctx context.Context, subs *subscribers) ([]ladderStep, error) {
 	amqpFloor, err := startAMQPFloor(mb.b, mb.amqpURL, floorQueue, mb.o.prefetch)
 	if err != nil {
@@ -250,61 +253,109 @@ func (mb *moduleBench) ladder(ctx context.Context, subs *subscribers) ([]ladderS
 	nginxFloor := newNginxFloor(mb.ngx, mb.o.lanes)
 	var out []ladderStep
 	for _, rate := range mb.o.rates {
-		var step ladderStep
-		progress("(g) %s: %d msg/s for %s: relay, AMQP floor, Nginx floor", mb.ngx.Module, rate, mb.o.duration)
-		if step.relay, err = latencyRun(ctx, mb.traffic(mb.spread), subs, rate, mb.o.duration, mb.relay); err != nil {
+		progress("(g) %s: %d msg/s, %s: relay, AMQP floor, Nginx floor", mb.ngx.Module, rate, mb.roundsText())
+		d := mb.roundLength()
+		r, err := mb.rotate(
+			func() (latencyResult, error) {
+				return latencyRun(ctx, mb.traffic(mb.spread), subs, rate, d, mb.relay)
+			},
+			func() (latencyResult, error) { return floorResult(amqpFloor.run(ctx, mb.b, mb.spread, rate, d)) },
+			func() (latencyResult, error) { return floorResult(nginxFloor.run(ctx, subs, mb.spread, rate, d)) },
+		)
+		if err != nil {
 			return nil, err
 		}
-		if step.floorAMQP, err = amqpFloor.run(ctx, mb.b, mb.spread, rate, mb.o.duration); err != nil {
-			return nil, err
-		}
-		if step.floorNginx, err = nginxFloor.run(ctx, subs, mb.spread, rate, mb.o.duration); err != nil {
-			return nil, err
-		}
-		out = append(out, step)
+		out = append(out, ladderStep{rate: rate, relay: r[0], floorAMQP: r[1], floorNginx: r[2]})
 	}
 	return out, nil
 }
+
+// floorResult is a floor's run as a latencyResult, with no relay figures.
+func floorResult(s stream, err error) (latencyResult, error) { return latencyResult{stream: s}, err }
 
 func (mb *moduleBench) traffic(w workload) traffic {
 	return traffic{b: mb.b, exchange: mb.exchange, w: w}
 }
 
-// (f): the same valid traffic alone, then with poison beside it.
+// (f): the valid traffic alone, and with poison beside it.
 func (mb *moduleBench) poisonStorm(ctx context.Context, subs *subscribers) (*poisonResult, error) {
 	o := mb.o.perModule
-	var res poisonResult
-	var err error
-	t := mb.traffic(mb.spread)
-	progress("(f) %s: %d valid msg/s for %s", mb.ngx.Module, o.poisonRate, mb.o.duration)
-	if res.clean, err = latencyRun(ctx, t, subs, o.poisonRate, mb.o.duration, mb.relay); err != nil {
-		return nil, err
-	}
-	progress("(f) %s: %d valid + %d poison msg/s for %s", mb.ngx.Module, o.poisonRate, o.poisonStorm, mb.o.duration)
-	t.poisonEvery = o.poisonRate / max(1, o.poisonStorm)
+	clean := mb.traffic(mb.spread)
+	storm := clean
+	storm.poisonEvery = o.poisonRate / max(1, o.poisonStorm)
+	progress("(f) %s: %d valid msg/s, alone and with %d poison msg/s, %s", mb.ngx.Module, o.poisonRate, o.poisonStorm, mb.roundsText())
 	dead0 := mb.relay.Metric(deadLetteredInvalid)
-	if res.storm, err = latencyRun(ctx, t, subs, o.poisonRate, mb.o.duration, mb.relay); err != nil {
+	r, err := mb.rotate(mb.latencyRun(ctx, clean, subs, o.poisonRate), mb.latencyRun(ctx, storm, subs, o.poisonRate))
+	if err != nil {
 		return nil, err
 	}
-	res.deadLettered = mb.relay.Metric(deadLetteredInvalid) - max(0, dead0)
-	return &res, nil
+	return &poisonResult{clean: r[0], storm: r[1], deadLettered: mb.relay.Metric(deadLetteredInvalid) - max(0, dead0)}, nil
 }
 
 const deadLetteredInvalid = `pushrelay_messages_dead_lettered_total{reason="invalid_channel"}`
 
-// (hot), live: the rate on one channel, then spread over the subscribers'.
+// (hot), live: the rate on one channel, and spread over the subscribers'.
 func (mb *moduleBench) hotLatency(ctx context.Context, subs *subscribers) (*hotResult, error) {
-	var res hotResult
-	var err error
 	rate := mb.o.perModule.hotRate
-	progress("(hot) %s: %d msg/s on one channel, then over %d", mb.ngx.Module, rate, len(mb.spread.channels))
-	if res.hot, err = latencyRun(ctx, mb.traffic(newWorkload(1, 200)), subs, rate, mb.o.duration, mb.relay); err != nil {
+	progress("(hot) %s: %d msg/s on one channel, and over %d, %s", mb.ngx.Module, rate, len(mb.spread.channels), mb.roundsText())
+	r, err := mb.rotate(mb.latencyRun(ctx, mb.traffic(newWorkload(1, 200)), subs, rate), mb.latencyRun(ctx, mb.traffic(mb.spread), subs, rate))
+	if err != nil {
 		return nil, err
 	}
-	if res.spread, err = latencyRun(ctx, mb.traffic(mb.spread), subs, rate, mb.o.duration, mb.relay); err != nil {
-		return nil, err
+	return &hotResult{hot: r[0], spread: r[1]}, nil
+}
+
+// latencyRun is one round of t through the relay.
+func (mb *moduleBench) latencyRun(ctx context.Context, t traffic, subs *subscribers, rate int) func() (latencyResult, error) {
+	return func() (latencyResult, error) { return latencyRun(ctx, t, subs, rate, mb.roundLength(), mb.relay) }
+}
+
+func (mb *moduleBench) roundLength() time.Duration {
+	return mb.o.duration / time.Duration(max(1, mb.o.perModule.rounds))
+}
+
+func (mb *moduleBench) roundsText() string {
+	return fmt.Sprintf("%d rounds of %s", max(1, mb.o.perModule.rounds), mb.roundLength())
+}
+
+// rounds are one condition's runs, sorted by p99.
+type rounds []latencyResult
+
+func (r rounds) median() latencyResult { return r[len(r)/2] }
+
+func (r rounds) worst() latencyResult { return r[len(r)-1] }
+
+// got is "received/sent" over all rounds.
+func (r rounds) got() string {
+	var all stream
+	for _, l := range r {
+		all.received += l.received
+		all.sent += l.sent
 	}
-	return &res, nil
+	return all.got()
+}
+
+// rotate runs each condition -rounds times, round i starting at condition
+// i mod len(runs) (ABC, BCA, CAB, …): a stall of the shared machine then
+// spoils one round of a condition, which the median leaves out, and no
+// condition always runs first. Each condition's rounds come back sorted by
+// p99.
+func (mb *moduleBench) rotate(runs ...func() (latencyResult, error)) ([]rounds, error) {
+	out := make([]rounds, len(runs))
+	for i := 0; i < max(1, mb.o.perModule.rounds); i++ {
+		for j := range runs {
+			k := (i + j) % len(runs)
+			l, err := runs[k]()
+			if err != nil {
+				return nil, err
+			}
+			out[k] = append(out[k], l)
+		}
+	}
+	for _, r := range out {
+		slices.SortFunc(r, func(a, b latencyResult) int { return cmp.Compare(a.p99, b.p99) })
+	}
+	return out, nil
 }
 
 // (hot), drained: a one-channel backlog, then one spread over the channels.

@@ -66,8 +66,8 @@ func (r *report) latencies(b *strings.Builder) {
 // moduleParts prints the per-module parts, one table per part, a row per module.
 func (r *report) moduleParts(b *strings.Builder) {
 	o := r.o.perModule
-	fmt.Fprintf(b, "Per module: %d channels with one EventSource subscriber each, 200 B bodies, vhost %s; relay: %d lanes, pipeline %d, prefetch %d; Nginx: %d workers; %s per run.\n\n",
-		o.spread, o.vhost, r.o.lanes, r.o.pipeline, r.o.prefetch, r.o.workers, r.o.duration)
+	fmt.Fprintf(b, "Per module: %d channels with one EventSource subscriber each, 200 B bodies, vhost %s; relay: %d lanes, pipeline %d, prefetch %d; Nginx: %d workers. Each latency figure is %d rounds of %s with the conditions compared in rotation (ABC, BCA, …): p50 and p99 are the round with the median p99, \"worst\" the worst round's p99, received/sent over all rounds.\n\n",
+		o.spread, o.vhost, r.o.lanes, r.o.pipeline, r.o.prefetch, r.o.workers, max(1, o.rounds), r.o.duration/time.Duration(max(1, o.rounds)))
 	for _, m := range r.modules {
 		if m.skipped != "" {
 			fmt.Fprintf(b, "- %s: skipped: %s\n\n", m.module, m.skipped)
@@ -109,14 +109,14 @@ func (r *report) ladderTable(b *strings.Builder) {
 	if !r.o.parts["ladder"] {
 		return
 	}
-	fmt.Fprintf(b, "(g) latency ladder, ms: the relay (publish → EventSource subscriber) beside the AMQP floor (publish → RabbitMQ → bare consumer) and the Nginx floor (HTTP publish, %d keep-alive connections → the same subscribers), measured one after the other:\n\n", r.o.lanes)
-	fmt.Fprintf(b, "| module | msg/s | relay p50 / p99 | AMQP floor p50 / p99 | Nginx floor p50 / p99 | floors' p99 summed | relay p99 − sum | received relay / AMQP / Nginx |\n|---|---:|---:|---:|---:|---:|---:|---|\n")
+	fmt.Fprintf(b, "(g) latency ladder, ms, p50 / p99 (worst): the relay (publish → RabbitMQ → relay → Nginx → EventSource subscriber) beside the AMQP floor (publish → RabbitMQ → bare consumer) and the Nginx floor (HTTP publish over %d keep-alive connections → Nginx → the same subscribers):\n\n", r.o.lanes)
+	fmt.Fprintf(b, "| module | msg/s | relay | AMQP floor | Nginx floor | floors' p99 summed | relay p99 − sum | received relay / AMQP / Nginx |\n|---|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, m := range r.modules {
 		for _, s := range m.ladder {
-			sum := s.floorAMQP.p99 + s.floorNginx.p99
-			fmt.Fprintf(b, "| %s | %d | %.2f / %.2f | %.2f / %.2f | %.2f / %.2f | %.2f | %+.2f | %s / %s / %s |\n", m.module, s.relay.rate,
-				ms(s.relay.p50), ms(s.relay.p99), ms(s.floorAMQP.p50), ms(s.floorAMQP.p99), ms(s.floorNginx.p50), ms(s.floorNginx.p99),
-				ms(sum), ms(s.relay.p99-sum), s.relay.got(), s.floorAMQP.got(), s.floorNginx.got())
+			relay, sum := s.relay.median().p99, s.floorAMQP.median().p99+s.floorNginx.median().p99
+			fmt.Fprintf(b, "| %s | %d | %s | %s | %s | %.2f | %+.2f | %s / %s / %s |\n", m.module, s.rate,
+				s.relay.quantiles(), s.floorAMQP.quantiles(), s.floorNginx.quantiles(),
+				ms(sum), ms(relay-sum), s.relay.got(), s.floorAMQP.got(), s.floorNginx.got())
 		}
 	}
 	b.WriteString("\nTarget: relay p99 ≤ the floors summed + 2 ms at 2k msg/s; as close as measured at 5k.\n\n")
@@ -128,17 +128,17 @@ func (r *report) poisonTable(b *strings.Builder) {
 	}
 	o := r.o.perModule
 	fmt.Fprintf(b, "(f) poison storm: %d valid msg/s, alone and with %d poison msg/s (channel %q, on a shard the relay owns) beside them; latency of the valid ones, ms:\n\n", o.poisonRate, o.poisonStorm, poisonChannel)
-	fmt.Fprintf(b, "| module | poison msg/s | received | p50 | p99 | max | relay CPU (cores) | dead-lettered | relay retries |\n|---|---:|---|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(b, "| module | poison msg/s | received | p50 | p99 | worst p99 | relay CPU (cores) | dead-lettered | relay retries |\n|---|---:|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, m := range r.modules {
 		if p := m.poison; p != nil {
-			fmt.Fprintf(b, "| %s | 0 | %s | %.2f | – | %.0f |\n", m.module, latencyCells(p.clean), p.clean.relayCPU, p.clean.retries)
-			fmt.Fprintf(b, "| %s | %d | %s | %.2f | %.0f | %.0f |\n", m.module, o.poisonStorm, latencyCells(p.storm), p.storm.relayCPU, p.deadLettered, p.storm.retries)
+			fmt.Fprintf(b, "| %s | 0 | %s | %.2f | – | %.0f |\n", m.module, p.clean.cells(), p.clean.median().relayCPU, p.clean.retries())
+			fmt.Fprintf(b, "| %s | %d | %s | %.2f | %.0f | %.0f |\n", m.module, o.poisonStorm, p.storm.cells(), p.storm.median().relayCPU, p.deadLettered, p.storm.retries())
 		}
 	}
 	b.WriteString("\n")
 	for _, m := range r.modules {
 		if p := m.poison; p != nil {
-			fmt.Fprintf(b, "- %s: p99 with poison / without: **%.2f** (target ≤ 2)\n", m.module, ratio(p.storm.p99, p.clean.p99))
+			fmt.Fprintf(b, "- %s: p99 with poison / without: **%.2f** (target ≤ 2)\n", m.module, ratio(p.storm.median().p99, p.clean.median().p99))
 		}
 	}
 	b.WriteString("\n")
@@ -150,19 +150,32 @@ func (r *report) hotTable(b *strings.Builder) {
 	}
 	o := r.o.perModule
 	fmt.Fprintf(b, "(hot) one channel against %d, at %d msg/s in all (ms), and draining a %d-message backlog:\n\n", o.spread, o.hotRate, o.hotBacklog)
-	fmt.Fprintf(b, "| module | channels | received | p50 | p99 | max | drain msg/s | relay CPU µs/msg (drain) |\n|---|---:|---|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(b, "| module | channels | received | p50 | p99 | worst p99 | drain msg/s | relay CPU µs/msg (drain) |\n|---|---:|---|---:|---:|---:|---:|---:|\n")
 	for _, m := range r.modules {
 		if h := m.hot; h != nil {
-			fmt.Fprintf(b, "| %s | 1 | %s | %.0f | %.1f |\n", m.module, latencyCells(h.hot), h.hotDrain.rate(), us(h.hotDrain.cpuPerMsg()))
-			fmt.Fprintf(b, "| %s | %d | %s | %.0f | %.1f |\n", m.module, o.spread, latencyCells(h.spread), h.spreadDrain.rate(), us(h.spreadDrain.cpuPerMsg()))
+			fmt.Fprintf(b, "| %s | 1 | %s | %.0f | %.1f |\n", m.module, h.hot.cells(), h.hotDrain.rate(), us(h.hotDrain.cpuPerMsg()))
+			fmt.Fprintf(b, "| %s | %d | %s | %.0f | %.1f |\n", m.module, o.spread, h.spread.cells(), h.spreadDrain.rate(), us(h.spreadDrain.cpuPerMsg()))
 		}
 	}
 	b.WriteString("\n")
 }
 
-// latencyCells are a run's "received | p50 | p99 | max" table cells, in ms.
-func latencyCells(l latencyResult) string {
-	return fmt.Sprintf("%s | %.2f | %.2f | %.2f", l.got(), ms(l.p50), ms(l.p99), ms(l.max))
+// cells are "received | p50 | p99 | worst p99" table cells, in ms.
+func (r rounds) cells() string {
+	return fmt.Sprintf("%s | %.2f | %.2f | %.2f", r.got(), ms(r.median().p50), ms(r.median().p99), ms(r.worst().p99))
+}
+
+// quantiles is "p50 / p99 (worst p99)", in ms.
+func (r rounds) quantiles() string {
+	return fmt.Sprintf("%.2f / %.2f (%.2f)", ms(r.median().p50), ms(r.median().p99), ms(r.worst().p99))
+}
+
+func (r rounds) retries() float64 {
+	var n float64
+	for _, l := range r {
+		n += l.retries
+	}
+	return n
 }
 
 // got is "received/sent".

@@ -200,3 +200,27 @@ func TestDelta(t *testing.T) {
 		t.Errorf("other bounds: %v", d)
 	}
 }
+
+// Parse reads text from the network: whatever it is given, it returns an
+// error or samples with valid names, and never panics.
+func FuzzParse(f *testing.F) {
+	f.Add(relayText)
+	f.Add("m{a=\"x\\\"\",b=\"\\\\\"} +Inf 1\n# TYPE m gauge\n")
+	f.Add("m{a=\"unterminated} 1")
+	f.Fuzz(func(t *testing.T, text string) {
+		ss, err := Parse(strings.NewReader(text))
+		if err != nil {
+			return
+		}
+		for _, s := range ss {
+			if !validName(s.Name) {
+				t.Errorf("invalid name %q accepted", s.Name)
+			}
+			for _, l := range s.Labels {
+				if !validName(l.Name) || strings.Contains(l.Name, ":") {
+					t.Errorf("invalid label name %q accepted", l.Name)
+				}
+			}
+		}
+	})
+}

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/VictoriaMetrics/metrics"
@@ -99,9 +100,17 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		func() float64 { return float64(r.lastReloadAt.Load()) })
 	start := float64(time.Now().Unix())
 	reg.Gauge("pushrelay_start_time_seconds", "Unix time the relay started.", func() float64 { return start })
-	reg.Gauge(`pushrelay_build_info{version="`+version.Version+`"}`, "The running build; always 1.",
+	// host names the frontend in dashboards and `pushrelay top`, whatever
+	// address Prometheus scrapes it by.
+	reg.Gauge(`pushrelay_build_info{version="`+version.Version+`",host="`+promLabel(r.cfg.Host)+`"}`,
+		"The running build and the frontend's host (config key host); always 1.",
 		func() float64 { return 1 })
 	return m
+}
+
+// promLabel escapes a label value for the text format.
+func promLabel(v string) string {
+	return strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`).Replace(v)
 }
 
 func b2f(b bool) float64 {

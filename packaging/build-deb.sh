@@ -34,7 +34,8 @@ doc=$root/usr/share/doc/pushrelay
 
 install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" \
 	"$root/etc/pushrelay" "$root/etc/nginx/snippets" "$root/etc/sysctl.d" \
-	"$doc" "$root/usr/share/man/man1" "$root/usr/share/lintian/overrides"
+	"$doc" "$root/usr/share/man/man1" "$root/usr/share/lintian/overrides" \
+	"$root/usr/share/pushrelay"
 
 # No cgo: one static binary that runs on any Debian release of the arch.
 CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "$GO" build -trimpath -buildvcs=false \
@@ -52,6 +53,11 @@ install -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/over
 install -m 0644 packaging/debian/copyright "$doc/copyright"
 install -m 0644 nginx/README.md "$doc/README.nginx.md"
 install -m 0644 packaging/debian/README.Debian "$doc/README.Debian"
+# Prometheus rules, their runbook and the Grafana dashboard: for the
+# monitoring host to copy or point at (RUNBOOK.md, "Setting it up").
+for f in pushrelay.rules.yml pushrelay.alerts.yml pushrelay-dashboard.json RUNBOOK.md; do
+	install -m 0644 "monitoring/$f" "$root/usr/share/pushrelay/$f"
+done
 
 # The changelog's top entry must name this package's version; a snapshot
 # build gets an entry of its own above the released ones.

@@ -74,6 +74,12 @@ func TestRulesAndDashboardAgainstPrometheus(t *testing.T) {
 		t.Fatal(err)
 	}
 	startRelay(t, relayA)
+	// Without eBPF here, the per-port panels and rules would have nothing
+	// to read; that is this machine's limit, not the dashboard's fault.
+	if relayA.Metric(`pushrelay_probe_mode{probe="conn",mode="proc"}`) == 1 ||
+		relayA.Metric(`pushrelay_probe_mode{probe="packets",mode="none"}`) == 1 {
+		skipOrFail(t, "the eBPF probes do not attach on this machine, so their queries cannot be checked:\n"+relayA.Log())
+	}
 
 	// Relay b: Push Stream where `make pushstream` built it (its stats have
 	// messages_in_trash, Nchan's do not), probes in /proc mode.
@@ -444,6 +450,7 @@ func checkMetrics(t *testing.T, promtool string, r *stack.Relay) {
 	cmd.Stdin = strings.NewReader(text)
 	out, err := cmd.CombinedOutput()
 	if err == nil {
+		t.Logf("promtool check metrics on %s: no findings in %d lines", r.MetricsAddr, strings.Count(text, "\n"))
 		return
 	}
 	var bad []string
@@ -468,13 +475,7 @@ func allowedLint(line string) bool { return false }
 // with its label matchers.
 var selectorRE = regexp.MustCompile(`\b(up|[a-z_]*:?pushrelay_[a-z0-9_]*(?::[a-z0-9_]+)?)(\{[^}]*\})?`)
 
-func selectors(expr string) []string {
-	var out []string
-	for _, m := range selectorRE.FindAllString(expr, -1) {
-		out = append(out, m)
-	}
-	return out
-}
+func selectors(expr string) []string { return selectorRE.FindAllString(expr, -1) }
 
 func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
 	t.Helper()

@@ -194,6 +194,29 @@ func TestRulesAndDashboardAgainstPrometheus(t *testing.T) {
 		}
 	}
 
+	// Each alert is labelled and annotated as the mixins do, and its
+	// runbook_url points at its own section of RUNBOOK.md.
+	runbook, err := os.ReadFile("RUNBOOK.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range alerting {
+		if sev := r.Labels["severity"]; sev != "warning" && sev != "critical" {
+			t.Errorf("alert %s: severity %q, want warning or critical", r.Name, sev)
+		}
+		for _, a := range []string{"summary", "description", "runbook_url"} {
+			if r.Annotations[a] == "" {
+				t.Errorf("alert %s: no %s annotation", r.Name, a)
+			}
+		}
+		if want := "RUNBOOK.md#" + strings.ToLower(r.Name); !strings.HasSuffix(r.Annotations["runbook_url"], want) {
+			t.Errorf("alert %s: runbook_url %q does not end in %s", r.Name, r.Annotations["runbook_url"], want)
+		}
+		if !strings.Contains(string(runbook), "\n## "+r.Name+"\n") {
+			t.Errorf("alert %s: RUNBOOK.md has no section \"## %s\"", r.Name, r.Name)
+		}
+	}
+
 	// An alert's expression returns nothing while all is well, so the test
 	// cannot ask for series from it; it asks instead that every series the
 	// expression selects (each metric or recorded name with its matchers)
@@ -611,11 +634,13 @@ func (p *prometheus) query(t *testing.T, expr string) []json.RawMessage {
 }
 
 type promRule struct {
-	Name      string `json:"name"`
-	Query     string `json:"query"`
-	Type      string `json:"type"`
-	Health    string `json:"health"`
-	LastError string `json:"lastError"`
+	Name        string            `json:"name"`
+	Query       string            `json:"query"`
+	Type        string            `json:"type"`
+	Health      string            `json:"health"`
+	LastError   string            `json:"lastError"`
+	Labels      map[string]string `json:"labels"`
+	Annotations map[string]string `json:"annotations"`
 }
 
 type promGroup struct {

@@ -250,8 +250,10 @@ func TestRulesAndDashboardAgainstPrometheus(t *testing.T) {
 	// Grafana writes a multi-value regex.
 	queries := dashboardQueries(t)
 	instance := "(" + strings.ReplaceAll(relayA.MetricsAddr, ".", `\\.`) + "|" + strings.ReplaceAll(relayB.MetricsAddr, ".", `\\.`) + ")"
+	host := "(" + strings.Join(hosts, "|") + ")"
+	vars := strings.NewReplacer("${instance}", instance, "$instance", instance, "${host}", host, "$host", host)
 	for _, q := range queries {
-		expr := strings.NewReplacer("${instance}", instance, "$instance", instance).Replace(q.expr)
+		expr := vars.Replace(q.expr)
 		if strings.Contains(expr, "$") {
 			t.Errorf("panel %q: unknown variable in %s", q.panel, q.expr)
 			continue
@@ -262,6 +264,25 @@ func TestRulesAndDashboardAgainstPrometheus(t *testing.T) {
 		}
 		if len(prom.query(t, expr)) == 0 {
 			t.Errorf("panel %q: no series for %s", q.panel, expr)
+		}
+	}
+	// The host selector narrows the instances: one host chosen, the hidden
+	// instance variable holds that relay's address alone.
+	for _, q := range queries {
+		if q.panel != "variable instance" {
+			continue
+		}
+		expr := strings.NewReplacer("${host}", hosts[0], "$host", hosts[0]).Replace(q.expr)
+		var got []string
+		for _, raw := range prom.query(t, expr) {
+			var s struct {
+				Metric map[string]string `json:"metric"`
+			}
+			json.Unmarshal(raw, &s)
+			got = append(got, s.Metric["instance"])
+		}
+		if len(got) != 1 || got[0] != relayA.MetricsAddr {
+			t.Errorf("host %s selects instances %v, want [%s]", hosts[0], got, relayA.MetricsAddr)
 		}
 	}
 	t.Logf("%d recording rules, %d alerts, %d dashboard queries checked in %s",
@@ -750,11 +771,11 @@ func dashboardQueries(t *testing.T) []panelQuery {
 			t.Errorf("variable %s: query %q is not label_values(metric, label)", v.Name, q)
 			continue
 		}
-		hostVar = hostVar || v.Name == "instance"
+		hostVar = hostVar || v.Name == "host"
 		out = append(out, panelQuery{"variable " + v.Name, m[1]})
 	}
 	if !hostVar {
-		t.Errorf("%s has no instance variable (the host selector)", dashboard)
+		t.Errorf("%s has no host variable (the host selector)", dashboard)
 	}
 	if len(out) == 0 {
 		t.Fatalf("%s: no queries", dashboard)

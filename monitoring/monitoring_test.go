@@ -234,6 +234,12 @@ func TestRulesAndDashboardAgainstPrometheus(t *testing.T) {
 		}
 	}
 
+	// The fleet's sum is both halves of the map: equal to shards.count,
+	// so PushrelayShardsNotCovered stays quiet for the right reason.
+	if n := len(prom.query(t, `job:pushrelay_shards_owned:sum == on (job) job:pushrelay_shards_expected:count`)); n != 1 {
+		t.Errorf("the two relays' shards do not add up to job:pushrelay_shards_expected:count (%d series)", n)
+	}
+
 	// One alert does have something to say here: relay b's probes run in
 	// /proc mode, so PushrelayProbesFallenBack must be pending for it, which
 	// proves an alert goes from expression to Prometheus's alert state.

@@ -3,6 +3,8 @@ package publish
 import (
 	"bufio"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"strconv"
 	"sync"
@@ -352,5 +354,48 @@ func TestMessagesOlderThanMaxAgeExpire(t *testing.T) {
 	defer f.mu.Unlock()
 	if fmt.Sprint(f.got["c"]) != "[new]" {
 		t.Fatalf("published %v, want only the new one", f.got["c"])
+	}
+}
+
+// A stopped pool publishes nothing more, however much it has queued: the
+// caller redelivers those jobs, so publishing them would make duplicates
+// and run past a stop's deadline.
+func TestStopPublishesNothingMore(t *testing.T) {
+	var mu sync.Mutex
+	requests := 0
+	url := startFlushingServer(t, func() {
+		time.Sleep(20 * time.Millisecond) // a slow Nginx: 50 publishes/s
+		mu.Lock()
+		requests++
+		mu.Unlock()
+	})
+	out := make(chan Settlement, 1024)
+	tg, err := ParseTarget(PushStream, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := NewPool(Options{Target: tg, Lanes: 1, Pipeline: 4, Timeout: time.Second, RetryMax: time.Millisecond,
+		RetryBudget: time.Hour, QueueLen: 1024}, out, Metrics{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p.SetGen(1)
+	for i := 0; i < 500; i++ {
+		submit(p, uint64(i+1), "ch"+strconv.Itoa(i%50), "x")
+	}
+	time.Sleep(100 * time.Millisecond)
+	began := time.Now()
+	p.Stop()
+	if d := time.Since(began); d > 500*time.Millisecond {
+		t.Errorf("Stop took %s with a backlog queued", d)
+	}
+	mu.Lock()
+	at := requests
+	mu.Unlock()
+	time.Sleep(300 * time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	if requests > at+4 { // at most the batch that was on the wire
+		t.Errorf("%d publishes after Stop returned (%d before)", requests-at, at)
+	}
+	if at >= 400 {
+		t.Errorf("%d of 500 published before Stop: the backlog was not there to test", at)
 	}
 }

@@ -103,7 +103,10 @@ func (l *lane) run(ctx context.Context) {
 	l.done = ctx.Done()
 	var timer *time.Timer
 	for {
-		if !l.take(ctx, &timer) {
+		// A stopped pool's jobs are the caller's to redeliver: publishing
+		// them now would only make duplicates, and run past the stop's
+		// deadline while a backlog drains.
+		if ctx.Err() != nil || !l.take(ctx, &timer) {
 			return
 		}
 		l.promote(time.Now())

@@ -311,7 +311,7 @@ func (mb *moduleBench) latencyRun(ctx context.Context, t traffic, subs *subscrib
 }
 
 func (mb *moduleBench) roundLength() time.Duration {
-	return mb.o.duration / time.Duration(max(1, mb.o.perModule.rounds))
+	return (mb.o.duration / time.Duration(max(1, mb.o.perModule.rounds))).Round(time.Millisecond)
 }
 
 func (mb *moduleBench) roundsText() string {

@@ -67,7 +67,7 @@ func (r *report) latencies(b *strings.Builder) {
 func (r *report) moduleParts(b *strings.Builder) {
 	o := r.o.perModule
 	fmt.Fprintf(b, "Per module: %d channels with one EventSource subscriber each, 200 B bodies, vhost %s; relay: %d lanes, pipeline %d, prefetch %d; Nginx: %d workers. Each latency figure is %d rounds of %s with the conditions compared in rotation (ABC, BCA, …): p50 and p99 are the round with the median p99, \"worst\" the worst round's p99, received/sent over all rounds.\n\n",
-		o.spread, o.vhost, r.o.lanes, r.o.pipeline, r.o.prefetch, r.o.workers, max(1, o.rounds), r.o.duration/time.Duration(max(1, o.rounds)))
+		o.spread, o.vhost, r.o.lanes, r.o.pipeline, r.o.prefetch, r.o.workers, max(1, o.rounds), (r.o.duration / time.Duration(max(1, o.rounds))).Round(time.Millisecond))
 	for _, m := range r.modules {
 		if m.skipped != "" {
 			fmt.Fprintf(b, "- %s: skipped: %s\n\n", m.module, m.skipped)

@@ -73,6 +73,18 @@ func faultPipeline(t *testing.T, m stack.Module, host, keepalive, extra string, 
 	return p, url
 }
 
+// ownDeadLetters drains pushrelay.dead and keeps the copies from queue:
+// the dead-letter queue is shared, and other tests' copies are not ours.
+func ownDeadLetters(b *Broker, queue string) []amqp.Delivery {
+	var mine []amqp.Delivery
+	for _, d := range b.Drain("pushrelay.dead") {
+		if q, _ := d.Headers["x-pushrelay-queue"].(string); q == queue {
+			mine = append(mine, d)
+		}
+	}
+	return mine
+}
+
 // deadLettersOf drains pushrelay.dead until it has n copies from queue,
 // and returns them; copies from other queues are dropped.
 func deadLettersOf(t *testing.T, b *Broker, queue string, n int, timeout time.Duration) []amqp.Delivery {
@@ -199,7 +211,7 @@ func TestRefusingPublisherDeadLettersNothing(t *testing.T) {
 			t.Errorf("publisher_state{misconfigured} = %v, want 1", got)
 		}
 		time.Sleep(4 * time.Second) // twice the retry budget: still nothing may go
-		if dead := p.broker.Drain("pushrelay.dead"); len(dead) != 0 {
+		if dead := ownDeadLetters(p.broker, "pushrelay."+p.host); len(dead) != 0 {
 			t.Fatalf("%d messages dead-lettered while the publisher was misconfigured (first: %v)", len(dead), dead[0].Headers)
 		}
 		if !strings.Contains(p.relay.Log(), "publisher fault") {
@@ -217,7 +229,7 @@ func TestRefusingPublisherDeadLettersNothing(t *testing.T) {
 			code, _ := readyz(t, p.relay)
 			return code == 200
 		})
-		if dead := p.broker.Drain("pushrelay.dead"); len(dead) != 0 {
+		if dead := ownDeadLetters(p.broker, "pushrelay."+p.host); len(dead) != 0 {
 			t.Errorf("%d messages dead-lettered", len(dead))
 		}
 	})
@@ -387,7 +399,7 @@ func TestMemoryAlarmDuringPoisonStorm(t *testing.T) {
 		waitFor(t, "every valid message acked during the alarm", 20*time.Second, func() bool {
 			return p.relay.Metric("pushrelay_messages_unacked") == poison
 		})
-		if dead := p.broker.Drain("pushrelay.dead"); len(dead) != 0 {
+		if dead := ownDeadLetters(p.broker, queue); len(dead) != 0 {
 			t.Fatalf("%d dead letters went through during the alarm", len(dead))
 		}
 		restore()

@@ -6,6 +6,7 @@
 package integration
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -197,6 +198,7 @@ func (r *RelayProc) Reload() {
 type Broker struct {
 	t        testing.TB
 	Exchange string
+	url      string // the node it publishes through; "" is amqpURL
 
 	mu       sync.Mutex
 	conn     *amqp.Connection
@@ -208,11 +210,15 @@ type Broker struct {
 // newBroker connects and names a test-private exchange, so that tests never
 // see each other's messages. The relay declares it; the test removes it
 // and the queues it names at the end.
-func newBroker(t testing.TB, queues ...string) *Broker {
+func newBroker(t testing.TB, queues ...string) *Broker { return newBrokerAt(t, amqpURL, queues...) }
+
+// newBrokerAt is newBroker publishing through the node at url, e.g. one
+// of a test cluster's.
+func newBrokerAt(t testing.TB, url string, queues ...string) *Broker {
 	t.Helper()
-	b := &Broker{t: t, Exchange: fmt.Sprintf("pushrelay.test.%s.%d", strings.ReplaceAll(t.Name(), "/", "."), time.Now().UnixNano())}
+	b := &Broker{t: t, url: url, Exchange: fmt.Sprintf("pushrelay.test.%s.%d", strings.ReplaceAll(t.Name(), "/", "."), time.Now().UnixNano())}
 	if err := b.connect(); err != nil {
-		t.Fatalf("RabbitMQ at %s: %v (run `make deps`)", amqpURL, err)
+		t.Fatalf("RabbitMQ at %s: %v (run `make deps`)", url, err)
 	}
 	b.deleteQueues(queues)
 	t.Cleanup(func() {
@@ -231,7 +237,7 @@ func (b *Broker) connect() error {
 	if b.conn != nil {
 		b.conn.Close()
 	}
-	conn, err := amqp.Dial(amqpURL)
+	conn, err := amqp.Dial(cmp.Or(b.url, amqpURL))
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,302 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pushrelay/pushrelay/integration/stack"
+)
+
+// A RabbitMQ cluster of its own for issue 10's tests: three nodes on this
+// machine beside its broker (rabbit@localhost, which stays untouched).
+// They share the rabbitmq user's Erlang cookie, which `runuser -u rabbitmq`
+// gives them through its HOME; each has its own name, AMQP and
+// distribution ports, and data under a directory removed at cleanup.
+
+const rabbitLib = "/usr/lib/rabbitmq/bin/" // the scripts themselves, not Debian's su wrappers
+
+// rabbitNode is one node of the test cluster.
+type rabbitNode struct {
+	Name     string // e.g. prt1x1234@localhost
+	Port     int    // AMQP
+	DistPort int
+	dir      string
+	env      []string
+	pidFile  string
+}
+
+// URL is the node's AMQP URL. guest may log in: every client is on loopback.
+func (n *rabbitNode) URL() string { return fmt.Sprintf("amqp://guest:guest@127.0.0.1:%d/", n.Port) }
+
+type rabbitCluster struct {
+	t     testing.TB
+	dir   string
+	Nodes []*rabbitNode
+}
+
+// rabbitUnavailable says why no cluster can start here, or "".
+func rabbitUnavailable() string {
+	if _, err := os.Stat(rabbitLib + "rabbitmq-server"); err != nil {
+		return "rabbitmq-server is not installed (run `make deps`)"
+	}
+	if _, err := exec.LookPath("runuser"); err != nil {
+		return "runuser is not installed"
+	}
+	if os.Geteuid() != 0 {
+		return "a cluster of its own needs root (to run the nodes as rabbitmq)"
+	}
+	return ""
+}
+
+// startCluster starts n nodes, joins them to the first and waits until
+// every one runs. Cleanup kills them and removes their data, pass or fail.
+func startCluster(t *testing.T, n int) *rabbitCluster {
+	t.Helper()
+	if why := rabbitUnavailable(); why != "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal(why)
+		}
+		t.Skip(why)
+	}
+	u, err := user.Lookup("rabbitmq")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	// Not t.TempDir(): that is root's, mode 0700, and the nodes run as
+	// rabbitmq.
+	dir, err := os.MkdirTemp("", "pushrelay-cluster")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &rabbitCluster{t: t, dir: dir}
+	t.Cleanup(c.destroy)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(dir, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= n; i++ {
+		// The pid in the name: two runs at once must not share an epmd name.
+		node := &rabbitNode{Name: fmt.Sprintf("prt%dx%d@localhost", i, os.Getpid())}
+		if node.Port, err = stack.FreePort(); err != nil {
+			t.Fatal(err)
+		}
+		if node.DistPort, err = stack.FreePort(); err != nil {
+			t.Fatal(err)
+		}
+		node.dir = filepath.Join(dir, strings.Split(node.Name, "@")[0])
+		if err := os.Mkdir(node.dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.Chown(node.dir, uid, gid)
+		node.pidFile = filepath.Join(node.dir, "beam.pid")
+		node.env = []string{
+			"RABBITMQ_NODENAME=" + node.Name,
+			"RABBITMQ_NODE_IP_ADDRESS=127.0.0.1",
+			"RABBITMQ_NODE_PORT=" + strconv.Itoa(node.Port),
+			"RABBITMQ_DIST_PORT=" + strconv.Itoa(node.DistPort),
+			"RABBITMQ_MNESIA_BASE=" + filepath.Join(node.dir, "mnesia"),
+			"RABBITMQ_LOG_BASE=" + filepath.Join(node.dir, "log"),
+			"RABBITMQ_PID_FILE=" + node.pidFile,
+			// No file behind these: the machine's rabbitmq.conf pins
+			// its listener to 5672, which the node must not take.
+			"RABBITMQ_CONFIG_FILE=" + filepath.Join(node.dir, "none.conf"),
+			"RABBITMQ_ADVANCED_CONFIG_FILE=" + filepath.Join(node.dir, "none.config"),
+			"RABBITMQ_ENABLED_PLUGINS_FILE=" + filepath.Join(node.dir, "enabled_plugins"),
+		}
+		c.Nodes = append(c.Nodes, node)
+	}
+	began := time.Now()
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i, node := range c.Nodes {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = c.launch(node) }()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := c.Nodes[0].Name
+	for _, node := range c.Nodes[1:] {
+		c.ctl(node, "stop_app")
+		c.ctl(node, "join_cluster", first)
+		c.ctl(node, "start_app")
+	}
+	for _, node := range c.Nodes {
+		c.ctl(node, "await_startup")
+	}
+	t.Logf("cluster of %d nodes up and joined in %v", n, time.Since(began).Round(100*time.Millisecond))
+	return c
+}
+
+// launch starts a node detached and waits until its app runs.
+func (c *rabbitCluster) launch(n *rabbitNode) error {
+	os.Remove(n.pidFile)
+	cmd := exec.Command("runuser", "-u", "rabbitmq", "--", rabbitLib+"rabbitmq-server", "-detached")
+	cmd.Env = append(os.Environ(), n.env...)
+	cmd.Dir = n.dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("start %s: %v\n%s", n.Name, err, out)
+	}
+	// wait reads the pid file as it appears, then waits for the app.
+	if out, err := c.ctlErr(n, 90*time.Second, "wait", "--timeout", "90", n.pidFile); err != nil {
+		return fmt.Errorf("%s did not start: %v\n%s\n%s", n.Name, err, out, c.nodeLog(n))
+	}
+	return nil
+}
+
+// ctl runs rabbitmqctl against node, as rabbitmq (its HOME has the cookie).
+func (c *rabbitCluster) ctl(n *rabbitNode, args ...string) string {
+	c.t.Helper()
+	out, err := c.ctlErr(n, 60*time.Second, args...)
+	if err != nil {
+		c.t.Fatalf("rabbitmqctl -n %s %v: %v\n%s", n.Name, args, err, out)
+	}
+	return out
+}
+
+func (c *rabbitCluster) ctlErr(n *rabbitNode, timeout time.Duration, args ...string) (string, error) {
+	return rabbitCLI(n, timeout, "rabbitmqctl", args...)
+}
+
+// queues runs rabbitmq-queues against node.
+func (c *rabbitCluster) queues(n *rabbitNode, args ...string) string {
+	c.t.Helper()
+	out, err := rabbitCLI(n, 60*time.Second, "rabbitmq-queues", args...)
+	if err != nil {
+		c.t.Fatalf("rabbitmq-queues -n %s %v: %v\n%s", n.Name, args, err, out)
+	}
+	return out
+}
+
+func rabbitCLI(n *rabbitNode, timeout time.Duration, tool string, args ...string) (string, error) {
+	cmd := exec.Command("timeout", append([]string{strconv.Itoa(int(timeout.Seconds())), "runuser", "-u", "rabbitmq", "--",
+		rabbitLib + tool, "-q", "-n", n.Name}, args...)...)
+	cmd.Dir = "/var/lib/rabbitmq"
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// pid is the node's beam process, from its pid file; 0 if it has none.
+func (n *rabbitNode) pid() int {
+	b, err := os.ReadFile(n.pidFile)
+	if err != nil {
+		return 0
+	}
+	p, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return p
+}
+
+// Kill sends SIGKILL to the node's beam, as the OOM killer or a power
+// cut would, and waits until it is gone.
+func (c *rabbitCluster) Kill(n *rabbitNode) {
+	c.t.Helper()
+	pid := n.pid()
+	if pid == 0 {
+		c.t.Fatalf("%s has no pid file", n.Name)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		c.t.Fatalf("kill %s (pid %d): %v", n.Name, pid, err)
+	}
+	waitFor(c.t, n.Name+" gone", 10*time.Second, func() bool { return syscall.Kill(pid, 0) != nil })
+	os.Remove(n.pidFile) // its pid may go to another process now
+}
+
+// Restart starts a killed node again with the same environment; it
+// rejoins the cluster on its own.
+func (c *rabbitCluster) Restart(n *rabbitNode) {
+	c.t.Helper()
+	if err := c.launch(n); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// Node returns the node listening on the AMQP port in url.
+func (c *rabbitCluster) Node(url string) *rabbitNode {
+	for _, n := range c.Nodes {
+		if strings.Contains(url, ":"+strconv.Itoa(n.Port)+"/") {
+			return n
+		}
+	}
+	return nil
+}
+
+// ByName returns the node called name.
+func (c *rabbitCluster) ByName(name string) *rabbitNode {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}
+
+// URLs are every node's AMQP URL, comma-separated, as RelayConfig takes them.
+func (c *rabbitCluster) URLs() string {
+	var urls []string
+	for _, n := range c.Nodes {
+		urls = append(urls, n.URL())
+	}
+	return strings.Join(urls, ",")
+}
+
+var leaderLine = regexp.MustCompile(`(?m)^(\S+)\s+(\S+@\S+)\s*$`)
+
+// Leader is the node that leads quorum queue q.
+func (c *rabbitCluster) Leader(q string) *rabbitNode {
+	c.t.Helper()
+	for _, n := range c.Nodes {
+		out, err := c.ctlErr(n, 30*time.Second, "list_queues", "name", "leader")
+		if err != nil {
+			continue // that node may be the one down
+		}
+		for _, m := range leaderLine.FindAllStringSubmatch(out, -1) {
+			if m[1] == q {
+				return c.ByName(m[2])
+			}
+		}
+	}
+	c.t.Fatalf("no node names a leader for %s", q)
+	return nil
+}
+
+func (c *rabbitCluster) nodeLog(n *rabbitNode) string {
+	b, _ := os.ReadFile(filepath.Join(n.dir, "log", n.Name+".log"))
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return string(b)
+}
+
+// destroy kills every node and removes the data; it never names the
+// machine's node, only the pids from this cluster's pid files.
+func (c *rabbitCluster) destroy() {
+	for _, n := range c.Nodes {
+		if pid := n.pid(); pid > 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
+			deadline := time.Now().Add(10 * time.Second)
+			for syscall.Kill(pid, 0) == nil && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+	}
+	if err := os.RemoveAll(c.dir); err != nil {
+		c.t.Errorf("remove the cluster's data: %v", err)
+	}
+}

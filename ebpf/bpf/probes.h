@@ -28,6 +28,9 @@ enum {
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 };
 
+#define BPF_ANY 0
+#define BPF_F_NO_PREALLOC 1
+
 #define __bpf_md_ptr(type, name) \
 	union {                  \
 		type name;       \
@@ -77,8 +80,10 @@ enum {
 	TCP_ESTABLISHED = 1,
 	TCP_SYN_SENT = 2,
 	TCP_SYN_RECV = 3,
+	TCP_TIME_WAIT = 6,
 	TCP_CLOSE = 7,
 	TCP_LISTEN = 10,
+	TCP_NEW_SYN_RECV = 12,
 };
 
 #define IPPROTO_TCP 6
@@ -102,6 +107,7 @@ typedef struct {
 
 struct sock_common {
 	possible_net_t skc_net;
+	unsigned char skc_state;
 } __attribute__((preserve_access_index));
 
 struct sock {
@@ -111,6 +117,22 @@ struct sock {
 
 struct inet_sock {
 	__be16 inet_sport;
+} __attribute__((preserve_access_index));
+
+struct net_device {
+	possible_net_t nd_net;
+} __attribute__((preserve_access_index));
+
+/* skb->data points at the TCP header where the kernel sends a reset for a
+ * received segment; cb holds struct tcp_skb_cb while TCP owns the skb. */
+struct sk_buff {
+	struct net_device *dev;
+	char cb[48];
+	unsigned char *data;
+} __attribute__((preserve_access_index));
+
+struct tcp_skb_cb {
+	__u16 tcp_gso_segs; /* segments the skb stands for (tcp_skb_pcount) */
 } __attribute__((preserve_access_index));
 
 struct trace_entry {
@@ -129,6 +151,32 @@ struct trace_event_raw_inet_sock_set_state {
 	__u16 dport;
 	__u16 family;
 	__u16 protocol;
+} __attribute__((preserve_access_index));
+
+/* The classic tcp tracepoints' records, as of Linux 6.10+ (reset reason,
+ * retransmit err). saddr is a struct sockaddr_in/in6 whose port (bytes 2-3,
+ * network order) is the local one, also when the reset answers a segment
+ * that found no socket. */
+struct trace_event_raw_tcp_send_reset {
+	struct trace_entry ent;
+	const void *skbaddr;
+	const void *skaddr;
+	int state;
+	__u8 saddr[28];
+} __attribute__((preserve_access_index));
+
+struct trace_event_raw_tcp_event_sk {
+	struct trace_entry ent;
+	const void *skaddr;
+	__u16 sport;
+} __attribute__((preserve_access_index));
+
+struct trace_event_raw_tcp_retransmit_skb {
+	struct trace_entry ent;
+	const void *skbaddr;
+	const void *skaddr;
+	__u16 sport;
+	int err;
 } __attribute__((preserve_access_index));
 
 #endif

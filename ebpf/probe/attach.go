@@ -25,10 +25,13 @@ const (
 	ModeDisabled   = "disabled"
 )
 
-// Probe names, the keys of Modes.
+// Probe names, the keys of Modes. tcp_events is the reset and retransmit
+// programs, attached together in one mode so that one line says where they
+// stand.
 const (
-	ProbeConn    = "conn"
-	ProbePackets = "packets"
+	ProbeConn      = "conn"
+	ProbePackets   = "packets"
+	ProbeTCPEvents = "tcp_events"
 )
 
 // kernel holds what was loaded into the kernel: the shared maps and the
@@ -36,6 +39,7 @@ const (
 type kernel struct {
 	ports *ebpf.Map // u16 port → u32 slot
 	stats *ebpf.Map // per-CPU counters by slot
+	estAt *ebpf.Map // socket → when it was accepted, for the lifetime histogram
 	progs map[string]*ebpf.Program
 	links []link.Link
 	cg    cgroupLinks // cgroup_skb mode only
@@ -56,6 +60,9 @@ func (k *kernel) close() error {
 	}
 	if k.stats != nil {
 		errs = append(errs, k.stats.Close())
+	}
+	if k.estAt != nil {
+		errs = append(errs, k.estAt.Close())
 	}
 	return errors.Join(errs...)
 }
@@ -87,7 +94,7 @@ func loadMaps(spec *ebpf.CollectionSpec) (*kernel, error) {
 		maps.Close()
 		return nil, fmt.Errorf("possible CPUs: %w", err)
 	}
-	return &kernel{ports: maps.Ports, stats: maps.Stats, progs: map[string]*ebpf.Program{}, ncpu: ncpu}, nil
+	return &kernel{ports: maps.Ports, stats: maps.Stats, estAt: maps.EstAt, progs: map[string]*ebpf.Program{}, ncpu: ncpu}, nil
 }
 
 // loadProg loads one program of spec against the already created maps.
@@ -95,7 +102,7 @@ func (k *kernel) loadProg(spec *ebpf.CollectionSpec, cache *btf.Cache, name stri
 	one := spec.Copy()
 	one.Programs = map[string]*ebpf.ProgramSpec{name: spec.Programs[name]}
 	coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{
-		MapReplacements: map[string]*ebpf.Map{bpfMapPorts: k.ports, bpfMapStats: k.stats},
+		MapReplacements: map[string]*ebpf.Map{bpfMapPorts: k.ports, bpfMapStats: k.stats, bpfMapEstAt: k.estAt},
 		Cache:           cache,
 	})
 	if err != nil {
@@ -154,6 +161,71 @@ func (k *kernel) attachConn(spec *ebpf.CollectionSpec, cache *btf.Cache, skip ma
 		return a.mode, why
 	}
 	return ModeProc, why
+}
+
+// tcpEventHooks are the tracepoints of the tcp_events probe and their
+// program in each mode.
+var tcpEventHooks = []struct {
+	tracepoint, tpBTF, rawTp, classic string
+}{
+	{"tcp_send_reset", bpfProgRstSentTpBtf, bpfProgRstSentRawTp, bpfProgRstSentTracepoint},
+	{"tcp_receive_reset", bpfProgRstRecvTpBtf, bpfProgRstRecvRawTp, bpfProgRstRecvTracepoint},
+	{"tcp_retransmit_skb", bpfProgRetransTpBtf, bpfProgRetransRawTp, bpfProgRetransTracepoint},
+}
+
+// attachTCPEvents attaches the reset and retransmit programs, all three in
+// the first mode that takes every one of them: counts of one kind from
+// one mode and of another from a different one would be fine, but a
+// partial set would read as "no resets" where nothing was watching.
+func (k *kernel) attachTCPEvents(spec *ebpf.CollectionSpec, cache *btf.Cache, skip map[string]bool) (mode string, why []string) {
+	modes := []struct {
+		mode   string
+		prog   func(i int) string
+		attach func(tp string, p *ebpf.Program) (link.Link, error)
+	}{
+		{ModeTpBTF, func(i int) string { return tcpEventHooks[i].tpBTF }, func(_ string, p *ebpf.Program) (link.Link, error) {
+			return link.AttachTracing(link.TracingOptions{Program: p, AttachType: ebpf.AttachTraceRawTp})
+		}},
+		{ModeRawTp, func(i int) string { return tcpEventHooks[i].rawTp }, func(tp string, p *ebpf.Program) (link.Link, error) {
+			return link.AttachRawTracepoint(link.RawTracepointOptions{Name: tp, Program: p})
+		}},
+		{ModeTracepoint, func(i int) string { return tcpEventHooks[i].classic }, func(tp string, p *ebpf.Program) (link.Link, error) {
+			return link.Tracepoint("tcp", tp, p, nil)
+		}},
+	}
+	for _, m := range modes {
+		if skip[m.mode] {
+			why = append(why, m.mode+": skipped")
+			continue
+		}
+		var links []link.Link
+		var failed error
+		for i, h := range tcpEventHooks {
+			prog, err := k.loadProg(spec, cache, m.prog(i))
+			if err != nil {
+				failed = fmt.Errorf("%s: %s", h.tracepoint, explain(err, capBPF, capPerfmon))
+				break
+			}
+			l, err := m.attach(h.tracepoint, prog)
+			if err != nil {
+				failed = fmt.Errorf("%s: attach: %s", h.tracepoint, explain(err, capBPF, capPerfmon))
+				break
+			}
+			links = append(links, l)
+		}
+		if failed == nil {
+			k.links = append(k.links, links...)
+			return m.mode, why
+		}
+		for _, l := range links {
+			l.Close()
+		}
+		for i := range tcpEventHooks {
+			k.dropProg(m.prog(i))
+		}
+		why = append(why, m.mode+": "+failed.Error())
+	}
+	return ModeNone, why
 }
 
 // attachPackets attaches the ingress/egress pair: cgroup_skb on Nginx's

@@ -14,33 +14,48 @@ import (
 )
 
 type bpfCounters struct {
-	_         structs.HostLayout
-	Accepted  uint64
-	Closed    uint64
-	EstUp     uint64
-	EstDown   uint64
-	RxPackets uint64
-	RxBytes   uint64
-	RxPayload uint64
-	TxPackets uint64
-	TxBytes   uint64
-	TxPayload uint64
+	_           structs.HostLayout
+	Accepted    uint64
+	Closed      uint64
+	EstUp       uint64
+	EstDown     uint64
+	RxPackets   uint64
+	RxBytes     uint64
+	RxPayload   uint64
+	TxPackets   uint64
+	TxBytes     uint64
+	TxPayload   uint64
+	RstSent     uint64
+	RstReceived uint64
+	RetransSegs uint64
+	LifetimeNs  uint64
+	Lifetime    [16]uint64
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	bpfMapPorts           = "ports"
-	bpfMapStats           = "stats"
-	bpfProgConnRawTp      = "conn_raw_tp"
-	bpfProgConnTpBtf      = "conn_tp_btf"
-	bpfProgConnTracepoint = "conn_tracepoint"
-	bpfProgPktCgEgress    = "pkt_cg_egress"
-	bpfProgPktCgIngress   = "pkt_cg_ingress"
-	bpfProgPktTcxEgress   = "pkt_tcx_egress"
-	bpfProgPktTcxIngress  = "pkt_tcx_ingress"
-	bpfVarNetnsIno        = "netns_ino"
+	bpfMapEstAt              = "est_at"
+	bpfMapPorts              = "ports"
+	bpfMapStats              = "stats"
+	bpfProgConnRawTp         = "conn_raw_tp"
+	bpfProgConnTpBtf         = "conn_tp_btf"
+	bpfProgConnTracepoint    = "conn_tracepoint"
+	bpfProgPktCgEgress       = "pkt_cg_egress"
+	bpfProgPktCgIngress      = "pkt_cg_ingress"
+	bpfProgPktTcxEgress      = "pkt_tcx_egress"
+	bpfProgPktTcxIngress     = "pkt_tcx_ingress"
+	bpfProgRetransRawTp      = "retrans_raw_tp"
+	bpfProgRetransTpBtf      = "retrans_tp_btf"
+	bpfProgRetransTracepoint = "retrans_tracepoint"
+	bpfProgRstRecvRawTp      = "rst_recv_raw_tp"
+	bpfProgRstRecvTpBtf      = "rst_recv_tp_btf"
+	bpfProgRstRecvTracepoint = "rst_recv_tracepoint"
+	bpfProgRstSentRawTp      = "rst_sent_raw_tp"
+	bpfProgRstSentTpBtf      = "rst_sent_tp_btf"
+	bpfProgRstSentTracepoint = "rst_sent_tracepoint"
+	bpfVarNetnsIno           = "netns_ino"
 )
 
 // loadBpf returns the embedded CollectionSpec for bpf.
@@ -85,19 +100,29 @@ type bpfSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfProgramSpecs struct {
-	ConnRawTp      *ebpf.ProgramSpec `ebpf:"conn_raw_tp"`
-	ConnTpBtf      *ebpf.ProgramSpec `ebpf:"conn_tp_btf"`
-	ConnTracepoint *ebpf.ProgramSpec `ebpf:"conn_tracepoint"`
-	PktCgEgress    *ebpf.ProgramSpec `ebpf:"pkt_cg_egress"`
-	PktCgIngress   *ebpf.ProgramSpec `ebpf:"pkt_cg_ingress"`
-	PktTcxEgress   *ebpf.ProgramSpec `ebpf:"pkt_tcx_egress"`
-	PktTcxIngress  *ebpf.ProgramSpec `ebpf:"pkt_tcx_ingress"`
+	ConnRawTp         *ebpf.ProgramSpec `ebpf:"conn_raw_tp"`
+	ConnTpBtf         *ebpf.ProgramSpec `ebpf:"conn_tp_btf"`
+	ConnTracepoint    *ebpf.ProgramSpec `ebpf:"conn_tracepoint"`
+	PktCgEgress       *ebpf.ProgramSpec `ebpf:"pkt_cg_egress"`
+	PktCgIngress      *ebpf.ProgramSpec `ebpf:"pkt_cg_ingress"`
+	PktTcxEgress      *ebpf.ProgramSpec `ebpf:"pkt_tcx_egress"`
+	PktTcxIngress     *ebpf.ProgramSpec `ebpf:"pkt_tcx_ingress"`
+	RetransRawTp      *ebpf.ProgramSpec `ebpf:"retrans_raw_tp"`
+	RetransTpBtf      *ebpf.ProgramSpec `ebpf:"retrans_tp_btf"`
+	RetransTracepoint *ebpf.ProgramSpec `ebpf:"retrans_tracepoint"`
+	RstRecvRawTp      *ebpf.ProgramSpec `ebpf:"rst_recv_raw_tp"`
+	RstRecvTpBtf      *ebpf.ProgramSpec `ebpf:"rst_recv_tp_btf"`
+	RstRecvTracepoint *ebpf.ProgramSpec `ebpf:"rst_recv_tracepoint"`
+	RstSentRawTp      *ebpf.ProgramSpec `ebpf:"rst_sent_raw_tp"`
+	RstSentTpBtf      *ebpf.ProgramSpec `ebpf:"rst_sent_tp_btf"`
+	RstSentTracepoint *ebpf.ProgramSpec `ebpf:"rst_sent_tracepoint"`
 }
 
 // bpfMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type bpfMapSpecs struct {
+	EstAt *ebpf.MapSpec `ebpf:"est_at"`
 	Ports *ebpf.MapSpec `ebpf:"ports"`
 	Stats *ebpf.MapSpec `ebpf:"stats"`
 }
@@ -129,12 +154,14 @@ func (o *bpfObjects) Close() error {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfMaps struct {
+	EstAt *ebpf.Map `ebpf:"est_at"`
 	Ports *ebpf.Map `ebpf:"ports"`
 	Stats *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *bpfMaps) Close() error {
 	return _BpfClose(
+		m.EstAt,
 		m.Ports,
 		m.Stats,
 	)
@@ -151,13 +178,22 @@ type bpfVariables struct {
 //
 // It can be passed to loadBpfObjects or ebpf.CollectionSpec.LoadAndAssign.
 type bpfPrograms struct {
-	ConnRawTp      *ebpf.Program `ebpf:"conn_raw_tp"`
-	ConnTpBtf      *ebpf.Program `ebpf:"conn_tp_btf"`
-	ConnTracepoint *ebpf.Program `ebpf:"conn_tracepoint"`
-	PktCgEgress    *ebpf.Program `ebpf:"pkt_cg_egress"`
-	PktCgIngress   *ebpf.Program `ebpf:"pkt_cg_ingress"`
-	PktTcxEgress   *ebpf.Program `ebpf:"pkt_tcx_egress"`
-	PktTcxIngress  *ebpf.Program `ebpf:"pkt_tcx_ingress"`
+	ConnRawTp         *ebpf.Program `ebpf:"conn_raw_tp"`
+	ConnTpBtf         *ebpf.Program `ebpf:"conn_tp_btf"`
+	ConnTracepoint    *ebpf.Program `ebpf:"conn_tracepoint"`
+	PktCgEgress       *ebpf.Program `ebpf:"pkt_cg_egress"`
+	PktCgIngress      *ebpf.Program `ebpf:"pkt_cg_ingress"`
+	PktTcxEgress      *ebpf.Program `ebpf:"pkt_tcx_egress"`
+	PktTcxIngress     *ebpf.Program `ebpf:"pkt_tcx_ingress"`
+	RetransRawTp      *ebpf.Program `ebpf:"retrans_raw_tp"`
+	RetransTpBtf      *ebpf.Program `ebpf:"retrans_tp_btf"`
+	RetransTracepoint *ebpf.Program `ebpf:"retrans_tracepoint"`
+	RstRecvRawTp      *ebpf.Program `ebpf:"rst_recv_raw_tp"`
+	RstRecvTpBtf      *ebpf.Program `ebpf:"rst_recv_tp_btf"`
+	RstRecvTracepoint *ebpf.Program `ebpf:"rst_recv_tracepoint"`
+	RstSentRawTp      *ebpf.Program `ebpf:"rst_sent_raw_tp"`
+	RstSentTpBtf      *ebpf.Program `ebpf:"rst_sent_tp_btf"`
+	RstSentTracepoint *ebpf.Program `ebpf:"rst_sent_tracepoint"`
 }
 
 func (p *bpfPrograms) Close() error {
@@ -169,6 +205,15 @@ func (p *bpfPrograms) Close() error {
 		p.PktCgIngress,
 		p.PktTcxEgress,
 		p.PktTcxIngress,
+		p.RetransRawTp,
+		p.RetransTpBtf,
+		p.RetransTracepoint,
+		p.RstRecvRawTp,
+		p.RstRecvTpBtf,
+		p.RstRecvTracepoint,
+		p.RstSentRawTp,
+		p.RstSentTpBtf,
+		p.RstSentTracepoint,
 	)
 }
 

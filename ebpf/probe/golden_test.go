@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -23,17 +24,23 @@ func TestMetricsTextMatchesGolden(t *testing.T) {
 		snap snapshot
 	}{
 		{"ebpf", snapshot{
-			modes: map[string]string{ProbeConn: ModeTpBTF, ProbePackets: ModeCgroupSKB},
+			modes: map[string]string{ProbeConn: ModeTpBTF, ProbePackets: ModeCgroupSKB, ProbeTCPEvents: ModeTpBTF},
 			ports: []portFigures{
-				{port: 80, established: 1000042, hasEst: true, c: bpfCounters{Accepted: 3200, Closed: 3100, RxPackets: 130000, RxBytes: 6760000, RxPayload: 1560000, TxPackets: 150000, TxBytes: 25800000, TxPayload: 18000000}},
-				{port: 443, established: 7, hasEst: true, c: bpfCounters{Accepted: 12, Closed: 5, RxPackets: 60, RxBytes: 3120, TxPackets: 61, TxBytes: 9000, TxPayload: 5000}},
+				{port: 80, established: 1000042, hasEst: true, c: bpfCounters{Accepted: 3200, Closed: 3100, RxPackets: 130000, RxBytes: 6760000, RxPayload: 1560000, TxPackets: 150000, TxBytes: 25800000, TxPayload: 18000000,
+					RstSent: 17, RstReceived: 230, RetransSegs: 1234, LifetimeNs: 123456789012345,
+					Lifetime: [16]uint64{1000, 800, 300, 100, 200, 100, 50, 50, 150, 100, 100, 80, 20, 10, 5, 3}}},
+				{port: 443, established: 7, hasEst: true, c: bpfCounters{Accepted: 12, Closed: 5, RxPackets: 60, RxBytes: 3120, TxPackets: 61, TxBytes: 9000, TxPayload: 5000,
+					RstReceived: 1, LifetimeNs: 2500000000, Lifetime: [16]uint64{3: 2, 4: 3}}},
 			},
-			host:    hostFigures{PassiveOpens: 3212, ActiveOpens: 40, CurrEstab: 1000049, InSegs: 130061, OutSegs: 150062, InOctets: 6763120, OutOctets: 25809000, ListenDrops: 3},
+			host:    hostFigures{PassiveOpens: 3212, ActiveOpens: 40, CurrEstab: 1000049, InSegs: 130061, OutSegs: 150062, InOctets: 6763120, OutOctets: 25809000, ListenDrops: 3, ListenOverflows: 2},
 			hasHost: true,
 			progs: []progFigures{
 				{name: "conn_tp_btf", runTime: 1234567 * time.Nanosecond, runCount: 11000},
 				{name: "pkt_cg_egress", runTime: 19500 * time.Microsecond, runCount: 150061},
 				{name: "pkt_cg_ingress", runTime: 16900 * time.Microsecond, runCount: 130060},
+				{name: "retrans_tp_btf", runTime: 120 * time.Microsecond, runCount: 1234},
+				{name: "rst_recv_tp_btf", runTime: 21 * time.Microsecond, runCount: 231},
+				{name: "rst_sent_tp_btf", runTime: 2 * time.Microsecond, runCount: 17},
 			},
 		}},
 	} {
@@ -47,6 +54,17 @@ func TestMetricsTextMatchesGolden(t *testing.T) {
 
 			checkGolden(t, "testdata/metrics-"+tc.name+".golden", got.Bytes())
 		})
+	}
+}
+
+// The lifetime buckets are declared twice, in probes.bpf.c and here.
+func TestLifetimeBoundsMatchTheKernelBuckets(t *testing.T) {
+	var c bpfCounters
+	if got, want := len(lifetimeBounds)+1, len(c.Lifetime); got != want {
+		t.Fatalf("%d bounds + Inf in metrics.go, %d buckets in probes.bpf.c", got-1, want)
+	}
+	if !slices.IsSorted(lifetimeBounds) {
+		t.Fatal("lifetimeBounds are not increasing")
 	}
 }
 
@@ -74,7 +92,7 @@ func TestProcModeMetricsFromFixtureProc(t *testing.T) {
 	p := &Probes{
 		procRoot: "testdata/proc",
 		log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
-		modes:    map[string]string{ProbeConn: ModeProc, ProbePackets: ModeNone},
+		modes:    map[string]string{ProbeConn: ModeProc, ProbePackets: ModeNone, ProbeTCPEvents: ModeNone},
 		ports:    []uint16{80, 443, 8080},
 	}
 	p.refresh()

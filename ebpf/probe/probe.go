@@ -78,7 +78,27 @@ type Probes struct {
 
 	snapMu sync.Mutex // the figures /metrics writes
 	snap   snapshot
+
+	silentMu sync.Mutex // refresh's silence check, see silence
+	quiet    map[uint16]quietPort
+	silent   bool
 }
+
+// quietPort is the silence check's memory of one port: its counts at the
+// last read and how many reads in a row accepted connections without a
+// packet.
+type quietPort struct {
+	accepted, packets uint64
+	reads             int
+}
+
+// silentAfter is how many reads in a row must see a port accept connections
+// while its packet counts stand still before the packet probe is called
+// silent. Every accepted connection has counted segments (its SYN, its final
+// ACK) when the probe works; one read can still see the accept before the
+// segments, as the per-CPU slots are copied one CPU after another, but not
+// several in a row.
+const silentAfter = 3
 
 // seed anchors the established gauge of one port: the ESTABLISHED sockets
 // /proc showed when the port was added, and the kernel's est_up−est_down at
@@ -110,7 +130,7 @@ func start(ctx context.Context, cfg Config, reg *telemetry.Registry, log *slog.L
 		log:      log,
 		interval: cfg.Interval,
 		procRoot: "/proc",
-		modes:    map[string]string{ProbeConn: ModeProc, ProbePackets: ModeNone},
+		modes:    map[string]string{ProbeConn: ModeProc, ProbePackets: ModeNone, ProbeTCPEvents: ModeNone},
 		slots:    map[uint16]uint32{},
 		seeds:    map[uint16]seed{},
 	}
@@ -145,18 +165,19 @@ func (p *Probes) attach(cfg Config, skip map[string]bool) {
 		p.log.Warn("probes: counting connections of every network namespace", "err", err)
 		netns = 0
 	}
-	var connWhy, pktWhy []string
+	var connWhy, pktWhy, evWhy []string
 	spec, err := loadSpec(netns)
 	if err == nil {
 		p.k, err = loadMaps(spec)
 	}
 	if err != nil {
 		connWhy = []string{err.Error()}
-		pktWhy = connWhy
+		pktWhy, evWhy = connWhy, connWhy
 	} else {
 		cache := btf.NewCache()
 		p.modes[ProbeConn], connWhy = p.k.attachConn(spec, cache, skip)
 		p.modes[ProbePackets], pktWhy = p.k.attachPackets(spec, cache, cfg.Cgroup, skip)
+		p.modes[ProbeTCPEvents], evWhy = p.k.attachTCPEvents(spec, cache, skip)
 		if stop, err := enableRunStats(); err == nil {
 			p.stopRun = stop
 		} else {
@@ -165,6 +186,7 @@ func (p *Probes) attach(cfg Config, skip map[string]bool) {
 	}
 	p.logMode(ProbeConn, connWhy)
 	p.logMode(ProbePackets, pktWhy)
+	p.logMode(ProbeTCPEvents, evWhy)
 }
 
 func (p *Probes) logMode(probe string, why []string) {
@@ -275,17 +297,8 @@ func (p *Probes) readSlots(ports []uint16) (map[uint16]bpfCounters, error) {
 			return nil, fmt.Errorf("read counters of port %d: %w", port, err)
 		}
 		var sum bpfCounters
-		for _, c := range percpu {
-			sum.Accepted += c.Accepted
-			sum.Closed += c.Closed
-			sum.EstUp += c.EstUp
-			sum.EstDown += c.EstDown
-			sum.RxPackets += c.RxPackets
-			sum.RxBytes += c.RxBytes
-			sum.RxPayload += c.RxPayload
-			sum.TxPackets += c.TxPackets
-			sum.TxBytes += c.TxBytes
-			sum.TxPayload += c.TxPayload
+		for i := range percpu {
+			sum.add(&percpu[i])
 		}
 		out[port] = sum
 	}
@@ -389,6 +402,7 @@ func (p *Probes) refresh() {
 	if err != nil {
 		p.log.Warn("probes: read counters", "err", err)
 	}
+	s.packetsSilent = p.silence(counters)
 
 	var est map[uint16]int64
 	if !p.connInKernel() {
@@ -423,4 +437,77 @@ func (p *Probes) refresh() {
 	p.snapMu.Lock()
 	p.snap = s
 	p.snapMu.Unlock()
+}
+
+// add sums c into s, field by field.
+func (s *bpfCounters) add(c *bpfCounters) {
+	s.Accepted += c.Accepted
+	s.Closed += c.Closed
+	s.EstUp += c.EstUp
+	s.EstDown += c.EstDown
+	s.RxPackets += c.RxPackets
+	s.RxBytes += c.RxBytes
+	s.RxPayload += c.RxPayload
+	s.TxPackets += c.TxPackets
+	s.TxBytes += c.TxBytes
+	s.TxPayload += c.TxPayload
+	s.RstSent += c.RstSent
+	s.RstReceived += c.RstReceived
+	s.RetransSegs += c.RetransSegs
+	s.LifetimeNs += c.LifetimeNs
+	for i := range s.Lifetime {
+		s.Lifetime[i] += c.Lifetime[i]
+	}
+}
+
+// silence tells whether the packet probe counts nothing for ports that
+// accept connections. That happens when Nginx's listening sockets were made
+// outside the cgroup the cgroup_skb programs are attached to (Nginx started
+// before the cgroup existed, or in another one): a socket keeps the cgroup
+// it was made in, and so do the connections it accepts. Zeros would look
+// like an idle frontend, so it is logged once and exposed instead.
+func (p *Probes) silence(counters map[uint16]bpfCounters) bool {
+	if counters == nil || !p.connInKernel() || p.modes[ProbePackets] == ModeNone {
+		return false
+	}
+	p.silentMu.Lock()
+	defer p.silentMu.Unlock()
+	if p.quiet == nil {
+		p.quiet = map[uint16]quietPort{}
+	}
+	var silentPorts []uint16
+	for port, c := range counters {
+		q, seen := p.quiet[port]
+		pkts := c.RxPackets + c.TxPackets
+		switch {
+		case !seen || pkts != q.packets || c.Accepted < q.accepted:
+			q.reads = 0 // counting, or a new or reset slot
+		case c.Accepted > q.accepted:
+			q.reads++
+		}
+		q.accepted, q.packets = c.Accepted, pkts
+		p.quiet[port] = q
+		if q.reads >= silentAfter {
+			silentPorts = append(silentPorts, port)
+		}
+	}
+	for port := range p.quiet {
+		if _, ok := counters[port]; !ok {
+			delete(p.quiet, port)
+		}
+	}
+	silent := len(silentPorts) > 0
+	switch {
+	case silent && !p.silent:
+		slices.Sort(silentPorts)
+		where := "on the interfaces that were up at start"
+		if p.modes[ProbePackets] == ModeCgroupSKB && p.k != nil {
+			where = "in cgroup " + p.k.cg.path + " (were Nginx's listening sockets made before Nginx was moved into it? restart Nginx inside it)"
+		}
+		p.log.Warn("probes: packet counters stand still while connections are accepted: Nginx's sockets are not seen "+where, "ports", silentPorts, "reads", silentAfter)
+	case !silent && p.silent:
+		p.log.Info("probes: packets are counted again")
+	}
+	p.silent = silent
+	return silent
 }

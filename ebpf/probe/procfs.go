@@ -114,6 +114,11 @@ type hostFigures struct {
 	InOctets     uint64 // IpExt: InOctets
 	OutOctets    uint64 // IpExt: OutOctets
 	ListenDrops  uint64 // TcpExt: ListenDrops
+
+	ListenOverflows uint64 // TcpExt: ListenOverflows (also in ListenDrops)
+	OutRsts         uint64 // Tcp: OutRsts, the tests' cross-check of resets sent
+	EstabResets     uint64 // Tcp: EstabResets, ... and of resets received
+	RetransSegs     uint64 // Tcp: RetransSegs, ... and of retransmits
 }
 
 // readHostFigures parses /proc/net/snmp and /proc/net/netstat, whose
@@ -141,6 +146,10 @@ func readHostFigures(procRoot string) (hostFigures, error) {
 		{&h.InOctets, "IpExt", "InOctets", netstat},
 		{&h.OutOctets, "IpExt", "OutOctets", netstat},
 		{&h.ListenDrops, "TcpExt", "ListenDrops", netstat},
+		{&h.ListenOverflows, "TcpExt", "ListenOverflows", netstat},
+		{&h.OutRsts, "Tcp", "OutRsts", snmp},
+		{&h.EstabResets, "Tcp", "EstabResets", snmp},
+		{&h.RetransSegs, "Tcp", "RetransSegs", snmp},
 	}
 	for _, f := range fields {
 		v, ok := f.m[f.section][f.name]

@@ -185,6 +185,11 @@ func TestResetsAreExactAgainstKnownTraffic(t *testing.T) {
 // both count it. (There is no netem nor iptables on this machine kind.)
 func dropLoopbackIngress(t *testing.T) (restore func()) {
 	t.Helper()
+	return dropLoopbackIngressB(t)
+}
+
+func dropLoopbackIngressB(t testing.TB) (restore func()) {
+	t.Helper()
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Type:         ebpf.SchedCLS,
 		License:      "MIT",

@@ -1,13 +1,16 @@
 // Command idlesubs measures how much memory an Nginx worker spends per idle
 // EventSource subscriber: it starts its own nginx (temporary prefix, one
-// worker, a free loopback port, the Nchan module), records the worker's RSS,
+// worker, a free loopback port, the Nchan module, or the Push Stream build
+// of `make pushstream` for the pushstream variants), records the worker's RSS,
 // opens N subscribers from several child processes (each stays under the
 // machine's per-process open-file limit), waits for every one to get the
 // EventSource preamble, and divides the RSS growth by N. It does this for
 // the shipped snippets (nginx/pushrelay-nchan*.conf) and for an untuned
-// config with the same locations and every setting left at its default.
+// config with the same locations and every setting left at its default;
+// pushstream and pushstream-untuned do the same with
+// nginx/pushrelay-pushstream*.conf.
 //
-//	go run ./integration/cmd/idlesubs [-n 10000] [-per-proc 5000]
+//	go run ./integration/cmd/idlesubs [-n 10000] [-per-proc 5000] [-variants untuned,shipped,pushstream]
 package main
 
 import (
@@ -23,10 +26,13 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
 const (
@@ -99,7 +105,7 @@ func main() {
 	flag.IntVar(&o.channels, "channels", 0, "distinct channels (0: one per subscriber)")
 	flag.DurationVar(&o.settle, "settle", 3*time.Second, "wait after the last subscriber before reading RSS")
 	flag.StringVar(&o.repoRoot, "repo", ".", "repository root (for nginx/*.conf)")
-	flag.StringVar(&variants, "variants", "untuned,shipped", "configs to measure, in order")
+	flag.StringVar(&variants, "variants", "untuned,shipped", "configs to measure, in order: untuned, shipped, no-nchan (Nchan); pushstream, pushstream-untuned (Push Stream)")
 	flag.BoolVar(&o.keepFiles, "keep", false, "keep the nginx prefix directories")
 	flag.StringVar(&o.request, "request", "browser", "subscriber request: browser (Chrome's headers) or minimal")
 	flag.StringVar(&o.extra, "extra", "", "directives added to the shipped server block, to try a tuning before shipping it")
@@ -129,9 +135,16 @@ type result struct {
 	perSubKB      float64
 }
 
+// pushStream tells the variants that run nginx-push-stream-module.
+func pushStream(variant string) bool { return strings.HasPrefix(variant, "pushstream") }
+
 func run(ctx context.Context, logger *slog.Logger, o options) error {
-	if _, err := os.Stat(nchanModule); err != nil {
-		return fmt.Errorf("nchan module: %w (make deps installs libnginx-mod-nchan)", err)
+	for _, v := range o.variants {
+		if !pushStream(v) && v != "no-nchan" {
+			if _, err := os.Stat(nchanModule); err != nil {
+				return fmt.Errorf("nchan module: %w (make deps installs libnginx-mod-nchan)", err)
+			}
+		}
 	}
 	var results []result
 	for _, v := range o.variants {
@@ -178,7 +191,13 @@ func measure(ctx context.Context, logger *slog.Logger, o options, variant string
 		return res, fmt.Errorf("write nginx.conf: %w", err)
 	}
 
-	ngx := exec.CommandContext(ctx, "nginx", "-p", prefix, "-c", confPath)
+	bin := "nginx"
+	if pushStream(variant) {
+		if bin, err = stack.PushStreamNginx(); err != nil {
+			return res, err
+		}
+	}
+	ngx := exec.CommandContext(ctx, bin, "-p", prefix, "-c", confPath)
 	ngx.Stdout, ngx.Stderr = os.Stderr, os.Stderr
 	ngx.Cancel = func() error { return ngx.Process.Signal(syscall.SIGTERM) }
 	ngx.WaitDelay = 10 * time.Second
@@ -196,7 +215,7 @@ func measure(ctx context.Context, logger *slog.Logger, o options, variant string
 	}
 	// Warm up: fault in code and the first pages of every pool, so the
 	// delta is what subscribers add, not what the first request touches.
-	if err := warmUp(addr, requestFor(o.request), 50); err != nil {
+	if err := warmUp(addr, requestFor(o.request), preambleFor(variant), 50); err != nil {
 		return res, fmt.Errorf("warm-up: %w", err)
 	}
 	time.Sleep(time.Second)
@@ -220,7 +239,7 @@ func measure(ctx context.Context, logger *slog.Logger, o options, variant string
 	}()
 	for start := 0; start < o.n; start += o.perProc {
 		count := min(o.perProc, o.n-start)
-		c := exec.CommandContext(ctx, self, "hold", addr, strconv.Itoa(start), strconv.Itoa(count), strconv.Itoa(o.channels), o.request)
+		c := exec.CommandContext(ctx, self, "hold", addr, strconv.Itoa(start), strconv.Itoa(count), strconv.Itoa(o.channels), o.request, preambleFor(variant))
 		c.Stderr = os.Stderr
 		in, err := c.StdinPipe()
 		if err != nil {
@@ -282,8 +301,34 @@ func nginxConf(o options, variant, prefix string, port int) (string, error) {
             echo_flush;
             echo_sleep 3600;
         }`
+	case "pushstream", "pushstream-untuned":
+		// Push Stream is built in (no load_module). Its http-level snippet
+		// carries the shared zone and a publisher server, moved here to a
+		// free port; untuned drops the one tuning of the server snippet.
+		modules = ""
+		root, err := filepath.Abs(o.repoRoot)
+		if err != nil {
+			return "", fmt.Errorf("repo root: %w", err)
+		}
+		pubPort, err := freePort()
+		if err != nil {
+			return "", err
+		}
+		httpConf, err := rewrite(filepath.Join(root, "nginx/pushrelay-pushstream-http.conf"), prefix, listenRE,
+			fmt.Sprintf("    listen 127.0.0.1:%d;", pubPort))
+		if err != nil {
+			return "", err
+		}
+		serverConf := filepath.Join(root, "nginx/pushrelay-pushstream.conf")
+		if variant == "pushstream-untuned" {
+			if serverConf, err = rewrite(serverConf, prefix, poolSizeRE, ""); err != nil {
+				return "", err
+			}
+		}
+		httpExtra = "include " + httpConf + ";"
+		serverBody = o.extra + "\n        include " + serverConf + ";"
 	default:
-		return "", fmt.Errorf("unknown variant %q (shipped, untuned)", variant)
+		return "", fmt.Errorf("unknown variant %q (shipped, untuned, no-nchan, pushstream, pushstream-untuned)", variant)
 	}
 	// Only the limits the measurement needs are raised here: one worker so
 	// one RSS holds every subscriber, and room for N descriptors.
@@ -312,6 +357,26 @@ http {
     }
 }
 `, modules, prefix, httpExtra, port, serverBody), nil
+}
+
+var (
+	listenRE   = regexp.MustCompile(`(?m)^[ \t]*listen[ \t]+[^;\n]*;`)
+	poolSizeRE = regexp.MustCompile(`(?m)^[ \t]*request_pool_size[ \t]+[^;\n]*;`)
+)
+
+// rewrite copies the snippet at path into dir with the one line re matches
+// replaced by repl, and returns the copy's path. Exactly one match, so a
+// snippet that changed shape fails here rather than measure something else.
+func rewrite(path, dir string, re *regexp.Regexp, repl string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	if n := len(re.FindAll(b, -1)); n != 1 {
+		return "", fmt.Errorf("%s: %d lines match %s, want 1", path, n, re)
+	}
+	out := filepath.Join(dir, filepath.Base(path))
+	return out, os.WriteFile(out, re.ReplaceAllLiteral(b, []byte(repl)), 0o644)
 }
 
 func freePort() (int, error) {
@@ -365,9 +430,9 @@ func stubStatus(addr string) (string, error) {
 }
 
 // warmUp opens and closes a few subscribers.
-func warmUp(addr, format string, n int) error {
+func warmUp(addr, format, preamble string, n int) error {
 	for i := range n {
-		c, err := subscribe(addr, format, "warmup-"+strconv.Itoa(i))
+		c, err := subscribe(addr, format, preamble, "warmup-"+strconv.Itoa(i))
 		if err != nil {
 			return err
 		}
@@ -381,6 +446,22 @@ func requestFor(kind string) string {
 		return minimalRequest
 	}
 	return browserRequest
+}
+
+// preambleFor is what the module sends first on a new EventSource stream,
+// right after the response headers: once it is read, the subscriber is
+// registered. Nchan sends a ": hi" comment; Push Stream an empty comment,
+// as a chunk.
+func preambleFor(variant string) string {
+	if pushStream(variant) {
+		return "pushstream"
+	}
+	return "nchan"
+}
+
+var preambles = map[string]string{
+	"nchan":      "\r\n\r\n: hi\n",
+	"pushstream": "\r\n\r\n3\r\n: \n\r\n",
 }
 
 type memory struct{ rss, anon, file, shmem int64 } // KB
@@ -414,9 +495,13 @@ func readMemory(pid int) (memory, error) {
 	return m, nil
 }
 
-// subscribe sends the EventSource request and reads until Nchan's
+// subscribe sends the EventSource request and reads until the module's
 // preamble, so the subscriber is registered before it is counted.
-func subscribe(addr, format, channel string) (net.Conn, error) {
+func subscribe(addr, format, preamble, channel string) (net.Conn, error) {
+	want, ok := preambles[preamble]
+	if !ok {
+		return nil, fmt.Errorf("unknown preamble %q", preamble)
+	}
 	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
@@ -428,7 +513,7 @@ func subscribe(addr, format, channel string) (net.Conn, error) {
 	}
 	var got []byte
 	buf := make([]byte, 512)
-	for !strings.Contains(string(got), "\r\n\r\n: hi\n") {
+	for !strings.Contains(string(got), want) {
 		n, err := c.Read(buf)
 		got = append(got, buf[:n]...)
 		if err != nil || len(got) > 4096 {
@@ -447,8 +532,8 @@ func subscribe(addr, format, channel string) (net.Conn, error) {
 // hold opens count subscribers, says "ready N", and keeps them until stdin
 // closes (the parent is done or died) or an hour passes.
 func hold(ctx context.Context, args []string) error {
-	if len(args) != 5 {
-		return errors.New("usage: hold ADDR START COUNT CHANNELS browser|minimal")
+	if len(args) != 6 {
+		return errors.New("usage: hold ADDR START COUNT CHANNELS browser|minimal nchan|pushstream")
 	}
 	format := requestFor(args[4])
 	addr := args[0]
@@ -465,7 +550,7 @@ func hold(ctx context.Context, args []string) error {
 		}
 	}()
 	for i := start; i < start+count; i++ {
-		c, err := subscribe(addr, format, "ch"+strconv.Itoa(i%channels))
+		c, err := subscribe(addr, format, args[5], "ch"+strconv.Itoa(i%channels))
 		if err != nil {
 			return err
 		}

@@ -170,7 +170,26 @@ func TestStuckChannelHoldsUpOnlyItself(t *testing.T) {
 			t.Errorf("/readyz %d %q while other channels publish, want 200", code, body)
 		}
 
+		// The budget is spent only while the publisher demonstrably works
+		// for other channels: on a quiet host a channel failing alone
+		// cannot be told from the start of an outage, and it waits. So
+		// keep a busy site's traffic flowing on other channels.
+		stop := make(chan struct{})
+		trickled := make(chan struct{})
+		go func() {
+			defer close(trickled)
+			for seq := perChannel + 1; ; seq++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(50 * time.Millisecond):
+					p.broker.Publish(seqMsgs(chans[:5], seq)...)
+				}
+			}
+		}()
 		dead := deadLettersOf(t, p.broker, "pushrelay."+p.host, 2, 30*time.Second)
+		close(stop)
+		<-trickled
 		for i, d := range dead {
 			want := fmt.Sprintf("stuck-%d", i+1)
 			if string(d.Body) != want || d.Headers["x-pushrelay-reason"] != "nginx_5xx_budget" ||
@@ -248,7 +267,11 @@ func TestRetryableAnswerOnKeepAliveKeepsOrder(t *testing.T) {
 		for seq := 1; seq <= perChannel; seq++ {
 			p.broker.MustPublish(seqMsgs(chans, seq)...)
 		}
-		if dups := waitAll(t, subs, perChannel, 60*time.Second); dups != 0 {
+		// Order is checked by waitAll. On Nchan nothing repeats: the relay
+		// trusts the answers after a 503 on an open connection. On Push
+		// Stream it may not (its early rejections leave the body unread),
+		// so what was behind is resent: other channels may repeat there.
+		if dups := waitAll(t, subs, perChannel, 60*time.Second); dups != 0 && m == stack.Nchan {
 			t.Errorf("%d duplicates: a request behind a 503 was published again", dups)
 		}
 		if got := p.relay.Metric("pushrelay_publish_retries_total"); got == 0 {

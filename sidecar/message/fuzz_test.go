@@ -165,14 +165,18 @@ func FuzzParse(f *testing.F) {
 			t.Fatal("channel was copied")
 		}
 
-		// published_at feeds only the lag figure: an integer is taken as
-		// is, anything else means "unknown".
+		// published_at feeds the lag figure and push.max_age: an integer
+		// that can be Unix microseconds is taken as is, anything else (other
+		// types, seconds or milliseconds) means "unknown".
 		var wantPub int64
 		switch v := pubVal.(type) {
 		case int64:
 			wantPub = v
 		case int32:
 			wantPub = int64(v)
+		}
+		if wantPub < 1e15 || wantPub > 1e16 {
+			wantPub = 0
 		}
 		if m.PublishedAt != wantPub {
 			t.Fatalf("published_at %#v gave %d, want %d", pubVal, m.PublishedAt, wantPub)

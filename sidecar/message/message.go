@@ -50,6 +50,13 @@ type Message struct {
 	Headers amqp.Table
 }
 
+// published_at is Unix microseconds: between 2001 (1e15 µs) and 2286
+// (1e16 µs). Seconds and milliseconds fall below, nanoseconds above.
+const (
+	minPublishedAt = 1e15
+	maxPublishedAt = 1e16
+)
+
 // Parse validates d and returns its message, or the reason it is poison.
 func Parse(d *amqp.Delivery, maxBody int) (Message, Reason) {
 	raw, ok := d.Headers["channel"]
@@ -82,6 +89,12 @@ func Parse(d *amqp.Delivery, maxBody int) (Message, Reason) {
 		m.PublishedAt = v
 	case int32:
 		m.PublishedAt = int64(v)
+	}
+	if m.PublishedAt < minPublishedAt || m.PublishedAt > maxPublishedAt {
+		// Not Unix microseconds: seconds or milliseconds would make
+		// every message look decades old to push.max_age, and the lag
+		// histogram nonsense. Such a header is ignored.
+		m.PublishedAt = 0
 	}
 	return m, OK
 }

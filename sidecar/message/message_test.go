@@ -92,6 +92,12 @@ func TestParse(t *testing.T) {
 		t.Errorf("body of exactly max_body refused: %s", r)
 	}
 	d = valid()
+	for _, notMicros := range []int64{1700000000, 1700000000000, 1700000000000000000} { // s, ms, ns
+		d.Headers["published_at"] = notMicros
+		if m, r := Parse(&d, 32); r != OK || m.PublishedAt != 0 {
+			t.Errorf("published_at %d is not Unix µs and must be ignored, got %q %d", notMicros, r, m.PublishedAt)
+		}
+	}
 	d.Headers["published_at"] = "soon"
 	if m, r := Parse(&d, 32); r != OK || m.PublishedAt != 0 {
 		t.Errorf("a malformed published_at must only disable the lag figure, got %q %d", r, m.PublishedAt)

@@ -18,12 +18,13 @@ const (
 	// Unreachable: a lane's last attempt got no HTTP answer (refused,
 	// reset or timed out).
 	Unreachable
-	// Failing: Nginx answers, but with an error on every channel (5xx:
-	// shared memory full, an upstream in front of /pub down).
+	// Failing: Nginx answers, but with 5xx to a large share of what it is
+	// sent (shared memory full, an upstream in front of /pub down).
 	Failing
 	// Misconfigured: several channels got 400/403/404/405 (or another 4xx
-	// that is not the message's fault) in a short window: a wrong URL, an
-	// allow list that leaves the relay out, or Push Stream's channel limit.
+	// that is not the message's fault) in a short window, or nothing but
+	// such answers came back: a wrong URL, an allow list that leaves the
+	// relay out, or Push Stream's channel limit.
 	Misconfigured
 )
 
@@ -49,134 +50,198 @@ const (
 	// faultWindow make it the publisher's fault. Two could still be two bad
 	// messages; three unrelated channels failing alike rarely are.
 	misconfiguredChannels = 3
-	// maxRefusals bounds the per-channel memory of refusals.
-	maxRefusals = 64
+	// maxTracked bounds the per-channel memory of failures.
+	maxTracked = 64
+	// healthyShare: the publisher works when at most one answer in this
+	// many is a 5xx. A channel that fails alone on a busy host is far below
+	// it; a shared memory zone that frees now and then, letting a 2xx
+	// through among hundreds of 500s, is far above it.
+	healthyShare = 6
 )
 
-// health is shared by the lanes. Successes are the hot path and touch one
-// atomic; failures are rare and take the lock.
+// health is shared by the lanes. Successes are the hot path and touch a
+// few atomics; failures are rare and take the lock.
 type health struct {
 	lanes     int
-	lastOK    atomic.Int64 // unix ns of the last 2xx
 	unhealthy atomic.Int64 // lanes whose last attempt got no HTTP answer
-	refused   atomic.Int64 // len(refusals), read without the lock
+	tracked   atomic.Int64 // len(refusals)+len(failing), read without the lock
+	ok        window       // 2xx answers
+	bad       window       // 5xx answers
 
-	mu          sync.Mutex
-	refusals    map[string]refusal // channel → its last 4xx
-	lastFailure time.Time          // the last non-2xx answer
-	lastStatus  int
+	mu         sync.Mutex
+	refusals   map[string]answer // channel → its last 4xx
+	failing    map[string]answer // channel → its last 5xx
+	lastStatus int               // the last 5xx
 }
 
-type refusal struct {
+type answer struct {
 	status int
 	at     time.Time
 }
 
-func newHealth(lanes int) *health {
-	return &health{lanes: lanes, refusals: map[string]refusal{}}
+// window counts events per second over the last ten seconds. Concurrent
+// adds at a second's turn may lose a few counts; a judgement needs no more.
+type window struct {
+	sec [10]atomic.Int64
+	n   [10]atomic.Int64
 }
 
-func (h *health) ok(channel string, now time.Time) {
-	h.lastOK.Store(now.UnixNano())
-	if h.refused.Load() == 0 {
+func (w *window) add(now time.Time) {
+	s := now.Unix()
+	i := s % 10
+	if w.sec[i].Load() != s {
+		w.sec[i].Store(s)
+		w.n[i].Store(0)
+	}
+	w.n[i].Add(1)
+}
+
+func (w *window) sum(now time.Time) (total int64) {
+	s := now.Unix()
+	for i := range w.sec {
+		if s-w.sec[i].Load() < 10 {
+			total += w.n[i].Load()
+		}
+	}
+	return total
+}
+
+func newHealth(lanes int) *health {
+	return &health{lanes: lanes, refusals: map[string]answer{}, failing: map[string]answer{}}
+}
+
+func (h *health) succeeded(channel string, now time.Time) {
+	h.ok.add(now)
+	if h.tracked.Load() == 0 {
 		return
 	}
 	h.mu.Lock()
-	delete(h.refusals, channel) // that channel's refusal is over
-	h.refused.Store(int64(len(h.refusals)))
+	delete(h.refusals, channel) // that channel's trouble is over
+	delete(h.failing, channel)
+	h.tracked.Store(int64(len(h.refusals) + len(h.failing)))
 	h.mu.Unlock()
 }
 
-func (h *health) failed(status int, now time.Time) {
+func (h *health) failed(channel string, status int, now time.Time) {
+	h.bad.add(now)
 	h.mu.Lock()
-	h.lastFailure, h.lastStatus = now, status
-	h.mu.Unlock()
+	defer h.mu.Unlock()
+	h.lastStatus = status
+	h.trackLocked(h.failing, channel, answer{status, now})
 }
 
 func (h *health) refusedBy(channel string, status int, now time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.lastFailure, h.lastStatus = now, status
-	if _, known := h.refusals[channel]; !known && len(h.refusals) >= maxRefusals {
-		h.expireLocked(now)
-		if len(h.refusals) >= maxRefusals {
+	h.trackLocked(h.refusals, channel, answer{status, now})
+}
+
+func (h *health) trackLocked(m map[string]answer, channel string, a answer) {
+	if _, known := m[channel]; !known && len(m) >= maxTracked {
+		h.expireLocked(a.at)
+		if len(m) >= maxTracked {
 			return // enough evidence already
 		}
 	}
-	h.refusals[channel] = refusal{status, now}
-	h.refused.Store(int64(len(h.refusals)))
+	m[channel] = a
+	h.tracked.Store(int64(len(h.refusals) + len(h.failing)))
 }
 
 func (h *health) expireLocked(now time.Time) {
-	for ch, r := range h.refusals {
-		if now.Sub(r.at) > faultWindow {
-			delete(h.refusals, ch)
+	for _, m := range []map[string]answer{h.refusals, h.failing} {
+		for ch, a := range m {
+			if now.Sub(a.at) > faultWindow {
+				delete(m, ch)
+			}
 		}
 	}
-	h.refused.Store(int64(len(h.refusals)))
+	h.tracked.Store(int64(len(h.refusals) + len(h.failing)))
 }
 
-// othersOK reports whether some channel was published since t, and
-// recently: the publisher works, so a channel failing alone is the
-// channel's problem.
-func (h *health) othersOK(t, now time.Time) bool {
-	ok := h.lastOK.Load()
-	return ok > t.UnixNano() && now.UnixNano()-ok < int64(faultWindow)
+// works reports whether the publisher takes what it is sent: some 2xx in
+// the window, and 5xx for at most one answer in healthyShare. Only then
+// is a channel that keeps failing the channel's problem.
+func (h *health) works(now time.Time) bool {
+	ok, bad := h.ok.sum(now), h.bad.sum(now)
+	return ok > 0 && bad*healthyShare <= ok
 }
 
-// state judges the publisher as of now, with the status behind a fault.
-func (h *health) state(now time.Time) (State, int) {
+// refusedAlone reports whether channel is the only one refused with a 4xx
+// in the window: then the refusal is about the message. With two or more
+// refused, it may be the publisher (a channel limit, an allow list), and
+// waiting costs nothing.
+func (h *health) refusedAlone(channel string, now time.Time) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.refusals) >= misconfiguredChannels {
-		h.expireLocked(now)
-		if len(h.refusals) >= misconfiguredChannels {
-			return Misconfigured, h.lastRefusalLocked()
-		}
-	}
-	if h.unhealthy.Load() > 0 {
-		return Unreachable, 0
-	}
-	lastOK := time.Unix(0, h.lastOK.Load())
-	if h.lastFailure.After(lastOK) && now.Sub(lastOK) > faultWindow {
-		return Failing, h.lastStatus
-	}
-	return OK, 0
+	h.expireLocked(now)
+	_, mine := h.refusals[channel]
+	return mine && len(h.refusals) == 1
 }
 
-func (h *health) lastRefusalLocked() int {
-	var last refusal
-	for _, r := range h.refusals {
-		if r.at.After(last.at) {
-			last = r
+// fault is the publisher's state as of now, with what an operator needs to
+// read it: the status behind it and how many channels show it.
+type fault struct {
+	state    State
+	status   int
+	channels int
+}
+
+func (h *health) judge(now time.Time) fault {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.expireLocked(now)
+	ok, bad := h.ok.sum(now), h.bad.sum(now)
+	switch {
+	case len(h.refusals) >= misconfiguredChannels,
+		len(h.refusals) > 0 && ok == 0 && bad == 0: // nothing but 4xx
+		return fault{Misconfigured, lastOf(h.refusals), len(h.refusals)}
+	case h.unhealthy.Load() > 0:
+		return fault{state: Unreachable}
+	case bad > 0 && bad*healthyShare > ok:
+		return fault{Failing, h.lastStatus, len(h.failing)}
+	}
+	return fault{state: OK}
+}
+
+func lastOf(m map[string]answer) int {
+	var last answer
+	for _, a := range m {
+		if a.at.After(last.at) {
+			last = a
 		}
 	}
 	return last.status
 }
 
-// Advice says what a publisher fault most likely means, for /readyz and
+// advice says what a publisher fault most likely means, for /readyz and
 // the log: the operator reading it at 3 a.m. should know where to look.
-func Advice(s State, status int) string {
-	switch s {
+func (f fault) advice() string {
+	s := strconv.Itoa(f.status)
+	switch f.state {
 	case Unreachable:
 		return "no answer from the publisher: is Nginx running, and does [push] url name its publisher server?"
 	case Failing:
-		if status == 500 {
-			return "500 from /pub on every channel: Nginx's shared memory is likely full (push_stream_shared_memory_size / nchan_max_reserved_memory)"
+		if f.channels <= 1 {
+			return s + " from /pub, on the only channel publishing now: that channel fails (it waits; it is dead-lettered " +
+				"after push.retry_budget once other channels publish), or it is the start of an outage"
 		}
-		return strconv.Itoa(status) + " from /pub on every channel: is something in front of the publisher failing?"
+		if f.status == 500 || f.status == 507 {
+			return s + " from /pub on " + strconv.Itoa(f.channels) + " channels: Nginx's shared memory is likely full " +
+				"(push_stream_shared_memory_size / nchan_max_reserved_memory); messages wait"
+		}
+		return s + " from /pub on " + strconv.Itoa(f.channels) + " channels: is something in front of the publisher failing?"
 	case Misconfigured:
-		switch status {
+		switch f.status {
 		case 403:
 			return "403 from /pub on several channels: is the relay's address on the publisher's allow list, or is Push Stream's push_stream_max_number_of_channels reached?"
 		case 404:
-			return "404 from /pub on several channels: does [push] url name the publisher location?"
+			return "404 from /pub: does [push] url name the publisher location?"
 		case 400:
-			return "400 from /pub on several channels: does [push] url carry the channel id where the publisher reads it (e.g. ?id={channel})?"
+			return "400 from /pub: does [push] url carry the channel id where the publisher reads it (e.g. ?id={channel})?"
 		case 405:
-			return "405 from /pub on several channels: the location does not accept POST; is it a publisher location?"
+			return "405 from /pub: the location does not accept POST; is it a publisher location?"
 		}
-		return strconv.Itoa(status) + " from /pub on several channels: check the publisher's config and [push] url"
+		return s + " from /pub: check the publisher's config and [push] url"
 	}
 	return "publishing"
 }

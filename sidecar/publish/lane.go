@@ -11,6 +11,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -351,8 +352,14 @@ func (l *lane) answer(q *chanQueue, now, start time.Time) (keep bool) {
 		l.accepted(q, now, start)
 		return keep
 	}
-	if l.pool.opts.Target.Dialect == PushStream && len(l.resp.Header.Peek("X-Nginx-PushStream-Explain")) > 0 {
-		keep = false // the module's early rejection: the body is still unread
+	explain := ""
+	if l.pool.opts.Target.Dialect == PushStream {
+		// Push Stream's early rejections leave the body unread, and not
+		// only those with an explanation header: a 500 for a channel it
+		// cannot allocate keeps the connection and parses the body as the
+		// next request. No answer after a non-2xx can be trusted.
+		keep = false
+		explain = string(l.resp.Header.Peek("X-Nginx-PushStream-Explain"))
 	}
 	h := l.pool.health
 	if status == 413 || status == 414 { // the message is too big: its fault
@@ -364,19 +371,22 @@ func (l *lane) answer(q *chanQueue, now, start time.Time) (keep bool) {
 	}
 	switch {
 	case status >= 500 || status == 408 || status == 429:
-		h.failed(status, now)
-		if now.Sub(q.since) >= l.pool.opts.RetryBudget && h.othersOK(q.since, now) {
+		h.failed(q.channel, status, now)
+		if now.Sub(q.since) >= l.pool.opts.RetryBudget && h.works(now) {
 			l.refuse(q, status, ReasonBudget)
 			return keep
 		}
+	case strings.HasPrefix(explain, "Number of channels"):
+		// Push Stream's channel limit: the publisher is full, the
+		// message is fine. It waits, as for any capacity fault.
+		h.refusedBy(q.channel, status, now)
 	default: // 400, 403, 404, 405, ...: the message's fault or the publisher's
 		h.refusedBy(q.channel, status, now)
 		grace := min(refusalGrace, l.pool.opts.RetryBudget)
-		if now.Sub(q.since) >= grace && h.othersOK(q.since, now) {
-			if s, _ := h.state(now); s != Misconfigured {
-				l.refuse(q, status, "nginx_"+strconv.Itoa(status))
-				return keep
-			}
+		if now.Sub(q.since) >= grace && h.works(now) && h.refusedAlone(q.channel, now) {
+			l.refuse(q, status, "nginx_"+strconv.Itoa(status))
+			q.since = time.Time{} // the next message gets its own grace
+			return keep
 		}
 	}
 	if l.m.Retries != nil {
@@ -399,7 +409,7 @@ func (l *lane) accepted(q *chanQueue, now, start time.Time) {
 			l.m.Lag.Update(float64(now.UnixMicro()-j.Msg.PublishedAt) / 1e6)
 		}
 	}
-	l.pool.health.ok(q.channel, now)
+	l.pool.health.succeeded(q.channel, now)
 	l.emit(Settlement{Job: *j, Outcome: Accepted})
 	q.attempts, q.since = 0, time.Time{}
 	l.next(q)

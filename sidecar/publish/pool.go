@@ -130,9 +130,15 @@ func (p *Pool) Submit(j Job) {
 // Reachable reports whether every lane's last attempt got an HTTP answer.
 func (p *Pool) Reachable() bool { return p.health.unhealthy.Load() == 0 }
 
-// State judges the publisher now, with the HTTP status behind a fault;
-// Advice turns both into words.
-func (p *Pool) State() (State, int) { return p.health.state(time.Now()) }
+// State judges the publisher now.
+func (p *Pool) State() State { return p.health.judge(time.Now()).state }
+
+// Judge judges the publisher now, and says in words what a fault most
+// likely means.
+func (p *Pool) Judge() (State, string) {
+	f := p.health.judge(time.Now())
+	return f.state, f.advice()
+}
 
 // Stop ends every lane and closes its connection. Jobs not yet settled are
 // dropped: the caller must not ack them.

@@ -39,8 +39,8 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 			return
 		}
 		if p := r.pool.Load(); p != nil {
-			if state, status := p.State(); state != publish.OK {
-				http.Error(w, "publisher "+state.String()+": "+publish.Advice(state, status), http.StatusServiceUnavailable)
+			if state, advice := p.Judge(); state != publish.OK {
+				http.Error(w, "publisher "+state.String()+": "+advice, http.StatusServiceUnavailable)
 				return
 			}
 		}

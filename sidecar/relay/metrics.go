@@ -78,8 +78,7 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 				if p == nil {
 					return 0
 				}
-				now, _ := p.State()
-				return b2f(now == st)
+				return b2f(p.State() == st)
 			})
 	}
 	reg.Gauge("pushrelay_messages_unacked", "Deliveries of the current AMQP session not yet acked or rejected (at most amqp.prefetch), as of the last ack.",
@@ -88,6 +87,8 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		func() float64 { return b2f(r.consuming.Load()) })
 	reg.Gauge("pushrelay_publisher_reachable", "1 while every publisher lane's last attempt got an HTTP answer.",
 		func() float64 { return b2f(r.publisherReachable()) })
+	reg.Gauge("pushrelay_deadletter_blocked", "1 while the broker blocks the dead-letter connection (a resource alarm): copies wait, their originals stay unacked.",
+		func() float64 { return b2f(r.deadBlocked.Load()) })
 	reg.Gauge("pushrelay_shards_owned", "Shards this host owns in the current map.",
 		func() float64 { return float64(r.shardsOwned.Load()) })
 	reg.Gauge("pushrelay_shards_draining", "Shards moved away and still bound until their drain ends.",

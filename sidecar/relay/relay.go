@@ -82,6 +82,7 @@ type Relay struct {
 	// the environment may say something else by now (a new password).
 	dialled        atomic.Pointer[string]
 	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
+	deadBlocked    atomic.Bool  // the broker blocks the dead-letter connection
 	consuming      atomic.Bool
 	shardsOwned    atomic.Int64
 	shardsDraining atomic.Int64
@@ -560,13 +561,21 @@ func (r *Relay) tick(s *session) error {
 		r.oldestPending.Store(0)
 	}
 	r.watchPublisher()
+	if blocked := s.DeadLetterBlocked(); blocked != r.deadBlocked.Swap(blocked) {
+		if blocked {
+			r.log.Warn("the broker blocks the dead-letter connection (resource alarm): copies wait, consuming goes on",
+				"dead_letters_unconfirmed", s.deadPending)
+		} else {
+			r.log.Info("the broker unblocked the dead-letter connection")
+		}
+	}
 	return r.expireDrains(s.Session)
 }
 
 // watchPublisher logs the publisher's state when it changes: once, not
 // per message, so that an outage is one line in the journal.
 func (r *Relay) watchPublisher() {
-	state, status := r.pool.Load().State()
+	state, advice := r.pool.Load().Judge()
 	if state == r.pubState {
 		return
 	}
@@ -574,7 +583,7 @@ func (r *Relay) watchPublisher() {
 		r.log.Info("publisher works again", "was", r.pubState.String())
 	} else {
 		r.log.Warn("publisher fault: messages wait unacked, nothing is dead-lettered",
-			"state", state.String(), "status", status, "hint", publish.Advice(state, status))
+			"state", state.String(), "hint", advice)
 	}
 	r.pubState = state
 }

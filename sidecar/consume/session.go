@@ -39,10 +39,14 @@ type Options struct {
 	Queue      string
 	QueueArgs  amqp.Table
 	DeadMaxLen int
-	Prefetch   int
-	Heartbeat  time.Duration
-	Timeout    time.Duration // dial, handshake, channel open, each declare
-	Consumer   string        // consumer tag
+	// DeadQueueType is pushrelay.dead's x-queue-type when this relay is
+	// the first to create it: quorum in a cluster, so that the dead
+	// letters, and every relay's session setup, survive a node's loss.
+	DeadQueueType string
+	Prefetch      int
+	Heartbeat     time.Duration
+	Timeout       time.Duration // dial, handshake, channel open, each declare
+	Consumer      string        // consumer tag
 }
 
 // Session is the relay's link to the broker: a consuming connection with a
@@ -226,6 +230,9 @@ func (s *Session) declare(ctx context.Context) error {
 		return fmt.Errorf("declare exchange %s: %w", DeadLetterExchange, err)
 	}
 	deadArgs := amqp.Table{}
+	if o.DeadQueueType != "" {
+		deadArgs["x-queue-type"] = o.DeadQueueType
+	}
 	if o.DeadMaxLen > 0 {
 		deadArgs["x-max-length"] = int64(o.DeadMaxLen)
 	}

@@ -339,10 +339,13 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 		Queue:      a.Queue,
 		QueueArgs:  queueArgs(a),
 		DeadMaxLen: a.DeadLetterMaxLength,
-		Prefetch:   a.Prefetch,
-		Heartbeat:  a.Heartbeat.D(),
-		Timeout:    amqpTimeout,
-		Consumer:   "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
+		// A quorum host queue means a cluster: its dead letters need a
+		// quorum queue too, or one node's loss blocks every session.
+		DeadQueueType: a.QueueType,
+		Prefetch:      a.Prefetch,
+		Heartbeat:     a.Heartbeat.D(),
+		Timeout:       amqpTimeout,
+		Consumer:      "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
 	}
 	// Every node in turn, from a random one, so that five relays whose
 	// node died do not all stampede the same survivor.

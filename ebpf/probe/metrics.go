@@ -42,7 +42,7 @@ type progFigures struct {
 }
 
 // Families written by writeMetrics. Labels are bounded: port (≤ 64 watched),
-// direction (rx, tx), probe and mode (a handful each), program (≤ 8 attached
+// direction (rx, tx), probe and mode (a handful each), program (≤ 6 attached
 // at once), le (16).
 var families = []struct{ name, typ, help string }{
 	{"pushrelay_probe_mode", "gauge", "1 for the mode each probe runs in (conn: tp_btf, raw_tp, tracepoint or proc; packets: cgroup_skb, tcx or none; tcp_events: tp_btf, raw_tp, tracepoint or none); the log says why it fell back."},

@@ -81,11 +81,17 @@ func TestHelperUnprivilegedLoader(t *testing.T) {
 	want := strings.Split(os.Getenv(envUnprivModes), ",")
 
 	p, reg, logs := startProbes(t, Config{Ports: []uint16{uint16(port)}, Cgroup: os.Getenv(envUnprivCgroup)})
-	if got := p.Modes(); got[ProbeConn] != want[0] || got[ProbePackets] != want[1] {
-		t.Fatalf("modes = %v, want conn=%s packets=%s", got, want[0], want[1])
+	// The reset and retransmit programs need what the connection program
+	// needs, so they land in the same mode, or none with it in proc.
+	wantEvents := want[0]
+	if wantEvents == ModeProc {
+		wantEvents = ModeNone
+	}
+	if got := p.Modes(); got[ProbeConn] != want[0] || got[ProbePackets] != want[1] || got[ProbeTCPEvents] != wantEvents {
+		t.Fatalf("modes = %v, want conn=%s packets=%s tcp_events=%s", got, want[0], want[1], wantEvents)
 	}
 	m := scrape(t, p, reg)
-	for _, probe := range []string{ProbeConn, ProbePackets} {
+	for _, probe := range []string{ProbeConn, ProbePackets, ProbeTCPEvents} {
 		sample := fmt.Sprintf("pushrelay_probe_mode{probe=%q,mode=%q}", probe, p.Modes()[probe])
 		if m[sample] != 1 {
 			t.Errorf("/metrics lacks %s 1", sample)

@@ -12,7 +12,8 @@ BPF_CLANG ?= clang-14
 ebpf-deps:
 	@command -v $(BPF_CLANG) >/dev/null && command -v llvm-strip-14 >/dev/null || { \
 	  echo "ebpf-deps: installing clang-14 llvm-14"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends clang-14 llvm-14 >/dev/null; }
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends clang-14 llvm-14 >/dev/null; }
 
 ebpf-generate: ebpf-deps
 	cd ebpf/probe && $(GO) generate ./...

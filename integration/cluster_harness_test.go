@@ -284,9 +284,38 @@ func (c *rabbitCluster) nodeLog(n *rabbitNode) string {
 	return string(b)
 }
 
+// nodeErrors are the last lines of the node's log that report an error or
+// a crashed process: the broker's side of a failure, before the log goes.
+func (c *rabbitCluster) nodeErrors(n *rabbitNode) string {
+	b, _ := os.ReadFile(filepath.Join(n.dir, "log", n.Name+".log"))
+	var keep []string
+	in := false // inside a kept report: its continuation lines are indented
+	for _, line := range strings.Split(string(b), "\n") {
+		l := strings.ToLower(line)
+		switch {
+		case strings.Contains(l, "[error]") || strings.Contains(l, "crash"):
+			in = true
+		case !strings.HasPrefix(line, " "):
+			in = false
+		}
+		if in {
+			keep = append(keep, line)
+		}
+	}
+	if len(keep) > 60 {
+		keep = keep[len(keep)-60:]
+	}
+	return strings.Join(keep, "\n")
+}
+
 // destroy kills every node and removes the data; it never names the
 // machine's node, only the pids from this cluster's pid files.
 func (c *rabbitCluster) destroy() {
+	if c.t.Failed() {
+		for _, n := range c.Nodes {
+			c.t.Logf("%s log, errors and crashes:\n%s", n.Name, c.nodeErrors(n))
+		}
+	}
 	for _, n := range c.Nodes {
 		if pid := n.pid(); pid > 0 {
 			syscall.Kill(pid, syscall.SIGKILL)

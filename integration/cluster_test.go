@@ -182,6 +182,7 @@ func clusterFailover(t *testing.T, c *rabbitCluster, m stack.Module, host string
 	host = uniqueHost(host)
 	ngx := startNginxModule(t, m)
 	r := startClusterRelay(t, c, RelayOptions{Host: host, Publish: ngx.PublishURL(), Dialect: m.Dialect()}, false)
+	consuming := time.Now()
 	relayNode := r.node(c)
 	victim := victimOf(t, c, relayNode, r.queue)
 	var producer *rabbitNode
@@ -196,8 +197,9 @@ func clusterFailover(t *testing.T, c *rabbitCluster, m stack.Module, host string
 
 	chans := channels(host, 100)
 	subs := subscribeAll(t, ngx, chans, kindsOn(m)...)
-	// The relay is up for more than minHealthySession before the kill, so
-	// the session it loses counts as healthy, as in production.
+	// The session is older than the relay's minHealthySession (5 s) at
+	// the kill, as in production: a younger one's loss backs off first.
+	time.Sleep(time.Until(consuming.Add(3 * time.Second)))
 	s := sampleRelay(r.RelayProc)
 	const perChannel, rate = 200, 2000
 	began := time.Now()
@@ -425,7 +427,8 @@ func testQueueDeletedUnderRelay(t *testing.T, c *rabbitCluster) {
 		if time.Now().After(deadline) {
 			for _, n := range c.Nodes {
 				out, _ := c.ctlErr(n, 30*time.Second, "list_consumers", "queue_name", "channel_pid", "consumer_tag")
-				t.Logf("consumers on %s:\n%s", n.Name, out)
+				chans, _ := c.ctlErr(n, 30*time.Second, "list_channels", "pid", "connection", "consumer_count", "messages_unacknowledged")
+				t.Logf("consumers on %s:\n%s\nchannels:\n%s", n.Name, out, chans)
 			}
 			t.Fatalf("no second session 15 s after the delete")
 		}

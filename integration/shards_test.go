@@ -247,9 +247,10 @@ func (c *shardCluster) rebalance(next *shard.Map, mapTOML string, order []string
 		want := float64(len(next.Owned(h)))
 		// Generous: a gained shard is one bind RPC, which a busy broker
 		// can make slow.
+		// Owned says the new map at once; applied waits for the binds.
 		waitFor(t, h+" to apply the new map", 60*time.Second, func() bool {
 			return f.relay.Metric(`pushrelay_config_reloads_total{result="success"}`) == ok+1 &&
-				f.relay.Metric("pushrelay_shards_owned") == want
+				f.relay.Metric("pushrelay_shards_owned") == want && f.relay.Metric("pushrelay_config_applied") == 1
 		})
 		applied[h] = time.Now()
 		// Read at once: the gauge falls back to 0 when the drain ends.

@@ -3,6 +3,7 @@ package relay
 import (
 	"log/slog"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -125,12 +126,18 @@ func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Durati
 	r.shardsOwned.Store(int64(len(owned)))
 	r.shardsDraining.Store(int64(len(r.draining)))
 	r.saveDrains()
-	if sess != nil {
+	if sess != nil && len(gained) > 0 {
+		// Owned already says the new map; until every bind is done the
+		// broker routes the gained shards elsewhere: not applied yet.
+		r.setUnapplied("binding " + strconv.Itoa(len(gained)) + " gained shards")
 		for _, s := range gained {
 			if err := sess.Bind(s); err != nil {
 				r.setUnapplied("binding gained shards: " + err.Error())
 				return err
 			}
+		}
+		if r.pending == nil {
+			r.setUnapplied("")
 		}
 	}
 	return r.expireDrains(sess)

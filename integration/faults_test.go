@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os/exec"
 	"strconv"
@@ -58,19 +57,9 @@ func faultPipeline(t *testing.T, m stack.Module, host, keepalive, extra string, 
 		t.Fatal(err)
 	}
 	listen := fmt.Sprintf("127.0.0.1:%d", port)
-	n, err := stack.StartNginx(stack.NginxOptions{Dir: t.TempDir(), Module: m, HTTP: faultPublisher(m, listen, keepalive, extra)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.Stop)
-	_, p0, _ := net.SplitHostPort(n.Addr)
-	pn, _ := strconv.Atoi(p0)
-	p := &pipeline{host: host, nginx: &Nginx{Nginx: n, t: t, Port: pn}}
-	p.broker = newBroker(t, "pushrelay."+host)
+	n := startNginxWith(t, stack.NginxOptions{Module: m, HTTP: faultPublisher(m, listen, keepalive, extra)})
 	url := "http://" + listen + "/pub?id={channel}"
-	o.Host, o.Exchange, o.Publish, o.Dialect = host, p.broker.Exchange, url, m.Dialect()
-	p.relay = startRelay(t, o)
-	return p, url
+	return pipelineTo(t, m, n, host, url, o), url
 }
 
 // ownDeadLetters drains pushrelay.dead and keeps the copies from queue:

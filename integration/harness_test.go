@@ -104,7 +104,17 @@ func startNginx(t testing.TB) *Nginx { return startNginxModule(t, stack.Nchan) }
 // startNginxModule starts an instance of module m, stopped at cleanup.
 func startNginxModule(t testing.TB, m stack.Module) *Nginx {
 	t.Helper()
-	n, err := stack.StartNginx(stack.NginxOptions{Dir: t.TempDir(), Module: m})
+	return startNginxWith(t, stack.NginxOptions{Module: m})
+}
+
+// startNginxWith starts an instance shaped by o (in a directory of the
+// test's own unless o says), stopped at cleanup.
+func startNginxWith(t testing.TB, o stack.NginxOptions) *Nginx {
+	t.Helper()
+	if o.Dir == "" {
+		o.Dir = t.TempDir()
+	}
+	n, err := stack.StartNginx(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,10 +2,8 @@ package integration
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"testing"
 
 	"github.com/pushrelay/pushrelay/integration/stack"
@@ -20,34 +18,30 @@ func startNginxExtra(t testing.TB, m stack.Module, http, server string) *Nginx {
 	snippet := func(suffix string) string {
 		return filepath.Join(stack.RepoRoot(), "nginx", "pushrelay-"+string(m)+suffix+".conf")
 	}
-	o := stack.NginxOptions{
-		Dir:    t.TempDir(),
+	return startNginxWith(t, stack.NginxOptions{
 		Module: m,
 		HTTP:   "include " + snippet("-http") + ";\n" + http,
 		Server: "include " + snippet("") + ";\n" + server,
-	}
-	n, err := stack.StartNginx(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(n.Stop)
-	_, port, _ := net.SplitHostPort(n.Addr)
-	p, _ := strconv.Atoi(port)
-	return &Nginx{Nginx: n, t: t, Port: p}
+	})
 }
 
 // pipelineOn is one frontend on module m whose relay publishes to
 // publishPath (a location of n) instead of the shipped /pub.
 func pipelineOn(t *testing.T, m stack.Module, n *Nginx, host, publishPath string, o RelayOptions) *pipeline {
 	t.Helper()
+	if publishPath == "/pub" { // the shipped publisher, in a server of its own
+		return pipelineTo(t, m, n, host, n.PublishURL(), o)
+	}
+	return pipelineTo(t, m, n, host, n.URL(publishPath+"?id={channel}"), o)
+}
+
+// pipelineTo is one frontend on module m, Nginx n, whose relay publishes
+// to the URL template publish.
+func pipelineTo(t *testing.T, m stack.Module, n *Nginx, host, publish string, o RelayOptions) *pipeline {
+	t.Helper()
 	p := &pipeline{host: host, nginx: n}
 	p.broker = newBroker(t, "pushrelay."+host)
-	o.Host, o.Exchange, o.Dialect = host, p.broker.Exchange, m.Dialect()
-	if publishPath == "/pub" { // the shipped publisher, in a server of its own
-		o.Publish = n.PublishURL()
-	} else {
-		o.Publish = n.URL(publishPath + "?id={channel}")
-	}
+	o.Host, o.Exchange, o.Publish, o.Dialect = host, p.broker.Exchange, publish, m.Dialect()
 	p.relay = startRelay(t, o)
 	return p
 }

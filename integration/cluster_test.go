@@ -430,13 +430,13 @@ func testQueueDeletedUnderRelay(t *testing.T, c *rabbitCluster) {
 			t.Logf("15 s after the delete: consumers\n%s\nchannels\n%s", consumers, chans)
 			log := r.Log()
 			if r.sessions() == 1 && !strings.Contains(log, "cancelled the consumer") && !strings.Contains(log, "session lost") {
-				// Seen in 3 of 9 runs on RabbitMQ 3.10.8: the queue is gone,
-				// list_consumers is empty, yet the relay's channel still
-				// counts its consumer and nothing was sent; the relay's own
-				// basic.cancel later crashes that channel (541, case_clause
-				// {error,noproc} in rabbit_channel). No client can react to a
-				// notification it never gets: the broker's bug, not the
-				// relay's.
+				// Seen in 4 of 10 runs on RabbitMQ 3.10.8, and with a plain
+				// amqp091-go consumer too: the queue is gone, list_consumers
+				// is empty, yet the relay's channel still counts its consumer
+				// and nothing was sent; the relay's own basic.cancel later
+				// crashes that channel (541, case_clause {error,noproc} in
+				// rabbit_channel). No client can react to a notification it
+				// never gets: the broker's bug, not the relay's.
 				t.Skip("RabbitMQ sent no basic.cancel for the deleted queue (a broker bug seen on 3.10.8); the relay, told nothing, still consumes from it")
 			}
 			t.Fatalf("no second session 15 s after the delete")

@@ -67,6 +67,8 @@ type Session struct {
 	// Mismatches says which queues exist with other arguments than asked
 	// for, and are used as they are.
 	Mismatches []string
+	// QueueMismatch: the host queue itself is among Mismatches.
+	QueueMismatch bool
 	// Cancelled receives the consumer tag when the broker cancels the
 	// consumer (the queue was deleted, or its node went away).
 	Cancelled <-chan string
@@ -143,6 +145,11 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 	if err := s.declare(ctx); err != nil {
 		return err
 	}
+	// Consume before binding: a second relay with the same host is
+	// refused here, before it could rewrite the first one's bindings.
+	if err := s.startConsuming(ctx, closed); err != nil {
+		return err
+	}
 	for shard := 0; shard < count; shard++ {
 		if err := s.setBinding(shard, bound(shard)); err != nil {
 			return err
@@ -152,7 +159,11 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 		return err
 	}
 	s.DeadLettered = s.dead.results
+	return nil
+}
 
+func (s *Session) startConsuming(ctx context.Context, closed chan *amqp.Error) error {
+	var err error
 	if s.consume, err = openChannel(ctx, s.conn, s.opts.Timeout); err != nil {
 		return fmt.Errorf("open consume channel: %w", err)
 	}
@@ -270,7 +281,10 @@ func (s *Session) declareQueue(ctx context.Context, name string, args amqp.Table
 	var ae *amqp.Error
 	if errors.As(err, &ae) && ae.Code == amqp.PreconditionFailed {
 		s.Mismatches = append(s.Mismatches, fmt.Sprintf("queue %s exists with other arguments than the config's (%s): "+
-			"used as it is; change them with a policy, or name a new queue", name, ae.Reason))
+			"used as it is; put the old value back (a reload may), delete the queue so that it is declared anew "+
+			"(what it holds is lost), or name a new amqp.queue. A policy can lower x-message-ttl and x-max-length, not raise them",
+			name, ae.Reason))
+		s.QueueMismatch = s.QueueMismatch || name == s.opts.Queue
 		return nil // the broker closed ch
 	}
 	ch.Close()

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -80,7 +81,9 @@ type Relay struct {
 	connectErr    atomic.Pointer[string] // why the last connect failed, for /readyz
 	// dialled is the broker URL the last connect used: amqp.url_file or
 	// the environment may say something else by now (a new password).
-	dialled        atomic.Pointer[string]
+	dialled atomic.Pointer[string]
+	// queueMismatch: the live host queue's arguments differ from the config.
+	queueMismatch  atomic.Bool
 	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
 	deadBlocked    atomic.Bool  // the broker blocks the dead-letter connection
 	consuming      atomic.Bool
@@ -188,7 +191,16 @@ func (r *Relay) Reload(path string) error {
 // URL that does not work (a typo must not end the working session).
 func (r *Relay) checkReload(prev, next config.Config) error {
 	p, n := prev.AMQP, next.AMQP
-	if p.Queue == n.Queue {
+	if p.Queue != n.Queue {
+		// Nothing would unbind the old queue: still bound to this host's
+		// shards, it would keep a copy of every message, unconsumed.
+		return fmt.Errorf("host / amqp.queue: this relay's queue %s cannot change on reload: restart it with the new name, "+
+			"then delete %s, whose bindings would keep copying every message into it", p.Queue, p.Queue)
+	}
+	// When the live queue already differs from the config (a restart with
+	// other arguments), any value may be tried: putting the old one back
+	// is how an operator gets out.
+	if !r.queueMismatch.Load() {
 		var errs []error
 		for _, c := range []struct {
 			key, arg string
@@ -197,9 +209,11 @@ func (r *Relay) checkReload(prev, next config.Config) error {
 			{"queue_type", "x-queue-type", p.QueueType != n.QueueType},
 			{"message_ttl", "x-message-ttl", p.MessageTTL != n.MessageTTL},
 			{"max_length", "x-max-length", p.MaxLength != n.MaxLength},
+			{"delivery_limit", "x-delivery-limit", p.DeliveryLimit != n.DeliveryLimit},
 		} {
 			if c.changed {
-				errs = append(errs, fmt.Errorf("amqp.%s: %s cannot change on the live queue %s: use a policy, or a new amqp.queue name",
+				errs = append(errs, fmt.Errorf("amqp.%s: %s cannot change on the live queue %s: name a new amqp.queue "+
+					"(and delete the old one), or use a policy (it can lower x-message-ttl and x-max-length, not raise them)",
 					c.key, c.arg, n.Queue))
 			}
 		}
@@ -277,6 +291,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		if r.gen > 1 {
 			r.m.reconnects.Inc()
 		}
+		r.queueMismatch.Store(sess.QueueMismatch)
 		switch {
 		case len(sess.Mismatches) > 0:
 			for _, m := range sess.Mismatches {
@@ -329,8 +344,17 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	joined := strings.Join(urls, "\n")
-	r.dialled.Store(&joined)
+	// The nodes that last worked come after the configured ones: a new
+	// password in url_file that a reload refused must not end the relay at
+	// the next broker blip.
+	var fallback []string
+	if d := r.dialled.Load(); d != nil {
+		for _, u := range strings.Split(*d, "\n") {
+			if !slices.Contains(urls, u) {
+				fallback = append(fallback, u)
+			}
+		}
+	}
 	r.gen++
 	r.pool.Load().SetGen(r.gen)
 	a := r.cfg.AMQP
@@ -350,11 +374,21 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 	// Every node in turn, from a random one, so that five relays whose
 	// node died do not all stampede the same survivor.
 	first := rand.N(len(urls))
-	var errs []error
+	order := make([]string, 0, len(urls)+len(fallback))
 	for i := range urls {
-		o.URL = urls[(first+i)%len(urls)]
+		order = append(order, urls[(first+i)%len(urls)])
+	}
+	var errs []error
+	for i, url := range append(order, fallback...) {
+		o.URL = url
 		sess, err := consume.Open(ctx, o, r.cfg.Shards.Count, func(s int) bool { return r.bound[s] })
 		if err == nil {
+			if i >= len(order) {
+				r.log.Warn("the configured AMQP URLs fail; connected with the ones that worked before", "node", config.Redact(url))
+			} else {
+				joined := strings.Join(urls, "\n")
+				r.dialled.Store(&joined)
+			}
 			r.node = config.Redact(o.URL)
 			r.consuming.Store(true)
 			return sess, nil
@@ -482,18 +516,16 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 				return err
 			}
 		case next := <-r.reloads:
-			action, err := r.apply(s.Session, next)
-			if err != nil {
-				return err
-			}
-			if action != nil && !stopping {
-				if r.pending != nil { // a second reload: do the first one's work too
-					action = chain(r.pending, action)
-				} else {
+			hadPending := r.pending != nil
+			err := r.apply(s.Session, next)
+			if r.pending != nil && !stopping {
+				if !hadPending {
 					quiesceTimer = time.After(r.cfg.ShutdownTimeout.D())
 				}
-				r.pending = action
 				deliveries = nil
+			}
+			if err != nil {
+				return err // the pending work outlives the session
 			}
 		case <-quiesceTimer:
 			r.log.Warn("config change applied with messages still in flight; they will be delivered again",
@@ -712,14 +744,12 @@ func (r *Relay) waitApplyingReloads(ctx context.Context, d time.Duration) bool {
 	for {
 		select {
 		case next := <-r.reloads:
-			action, err := r.apply(nil, next)
-			if err != nil {
+			if err := r.apply(nil, next); err != nil {
 				r.log.Warn("applying config while disconnected", "err", err)
 			}
-			if action != nil {
+			if r.pending != nil {
 				// Nothing in flight can still be acked: its session is gone
 				// and the broker will deliver it again. So rebuild now.
-				r.pending = action
 				r.runPending()
 			}
 		case <-t.C:

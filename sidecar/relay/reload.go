@@ -12,57 +12,61 @@ import (
 	"github.com/pushrelay/pushrelay/sidecar/drainstate"
 )
 
-// apply takes a validated config into use. Shard moves and the log level
-// apply at once; it returns an action to run once nothing is in flight
-// when the publisher or the AMQP session must be rebuilt. sess is nil
-// while disconnected: bindings then happen at the next connect.
+// apply takes a validated config into use: the desired state. Shard moves
+// and the log level apply at once; a publisher or AMQP session that must
+// be rebuilt becomes the relay's pending work (r.pending), added to any
+// work an earlier reload left, and run once nothing is in flight. sess is
+// nil while disconnected: bindings then happen at the next connect.
 //
-// The action is told whether messages were still in flight (abandoned):
-// a wrong publisher URL keeps them in flight for ever, and the reload that
-// fixes it must not wait for them. Their tags are then never acked, so
-// the action asks for a new AMQP session, and the broker delivers them
+// Everything but the binds is recorded first: a bind that fails (the
+// connection dropped mid-reload) ends the session, and the pending work
+// and the hooks must not be lost with it.
+//
+// The pending work is told whether messages were still in flight
+// (abandoned): a wrong publisher URL keeps them in flight for ever, and the
+// reload that fixes it must not wait for them. Their tags are then never
+// acked, so it asks for a new AMQP session, and the broker delivers them
 // again to the new publisher.
-func (r *Relay) apply(sess *consume.Session, next config.Config) (afterQuiesce func(abandoned bool) error, err error) {
+func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 	prev := r.cfg
 	r.cfg = next
 	r.level.Set(ParseLevel(next.Log.Level))
-
-	owned, err := ownedShards(next)
-	if err != nil { // Validate already built this map; this cannot fail
-		return nil, err
-	}
-	if err := r.moveShards(sess, owned, next.Shards.Drain.D()); err != nil {
-		return nil, err
-	}
 	if r.hooks.OnReload != nil {
 		r.hooks.OnReload(prev, next)
+	}
+	owned, err := ownedShards(next)
+	if err != nil { // Validate already built this map; this cannot fail
+		return err
 	}
 
 	sessionChanged := !reflect.DeepEqual(prev.AMQP, next.AMQP) || prev.Host != next.Host ||
 		prev.Shards.Count != next.Shards.Count || r.urlChanged(next)
 	poolChanged := prev.Push != next.Push || prev.AMQP.Prefetch != next.AMQP.Prefetch
-	r.log.Info("config reloaded", "shards_owned", len(owned), "shards_draining", len(r.draining),
-		"rebuild_publisher", poolChanged, "new_session", sessionChanged)
-	if !sessionChanged && !poolChanged {
-		return nil, nil
-	}
-	if sessionChanged {
-		r.setUnapplied("a new AMQP session is due (queue, URL or shards changed)")
-	} else {
-		r.setUnapplied("the new publisher waits for in-flight messages (at most shutdown_timeout)")
-	}
-	return func(abandoned bool) error {
-		if poolChanged {
-			if err := r.rebuildPool(); err != nil {
-				return err
+	r.log.Info("config reloaded", "shards_owned", len(owned), "rebuild_publisher", poolChanged, "new_session", sessionChanged)
+	if sessionChanged || poolChanged {
+		if sessionChanged {
+			r.setUnapplied("a new AMQP session is due (queue, URL or shards changed)")
+		} else {
+			r.setUnapplied("the new publisher waits for in-flight messages (at most shutdown_timeout)")
+		}
+		work := func(abandoned bool) error {
+			if poolChanged {
+				if err := r.rebuildPool(); err != nil {
+					return err
+				}
 			}
+			if sessionChanged || abandoned {
+				return errReconnect // applied when the next session opens
+			}
+			r.setUnapplied("")
+			return nil
 		}
-		if sessionChanged || abandoned {
-			return errReconnect // applied when the next session opens
+		if r.pending != nil { // a second reload: do the first one's work too
+			work = chain(r.pending, work)
 		}
-		r.setUnapplied("")
-		return nil
-	}, nil
+		r.pending = work
+	}
+	return r.moveShards(sess, owned, next.Shards.Drain.D())
 }
 
 // urlChanged reports whether next resolves to another broker URL than the

@@ -278,7 +278,9 @@ func (r *Relay) Run(ctx context.Context) error {
 			why := err.Error()
 			r.connectErr.Store(&why)
 			if errors.Is(err, consume.ErrQueueTaken) {
-				r.log.Error("not consuming: another relay holds this host's queue; standing by", "err", err, "retry_in", wait)
+				if failures == 1 || failures%60 == 0 { // once, then every few minutes
+					r.log.Error("not consuming: another relay holds this host's queue; standing by", "err", err, "retry_in", wait)
+				}
 			} else {
 				r.log.Warn("AMQP connect failed", "err", err, "attempt", failures, "retry_in", wait)
 			}

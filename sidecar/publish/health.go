@@ -52,10 +52,13 @@ const (
 	misconfiguredChannels = 3
 	// maxTracked bounds the per-channel memory of failures.
 	maxTracked = 64
-	// healthyShare: the publisher works when at most one answer in this
-	// many is a 5xx. A channel that fails alone on a busy host is far below
-	// it; a shared memory zone that frees now and then, letting a 2xx
-	// through among hundreds of 500s, is far above it.
+	// healthyShare: the publisher works while it answers 2xx at least this
+	// many times in the window for every channel that keeps getting 5xx.
+	// Channels, not answers, are counted on the failing side, because one
+	// stuck channel retries every few seconds: it must not outweigh a quiet
+	// host's few good answers. A shared memory zone that frees now and then
+	// lets a 2xx through for a few of many failing channels, and stays far
+	// below it.
 	healthyShare = 6
 )
 
@@ -66,7 +69,6 @@ type health struct {
 	unhealthy atomic.Int64 // lanes whose last attempt got no HTTP answer
 	tracked   atomic.Int64 // len(refusals)+len(failing), read without the lock
 	ok        window       // 2xx answers
-	bad       window       // 5xx answers
 
 	mu         sync.Mutex
 	refusals   map[string]answer // channel → its last 4xx
@@ -123,7 +125,6 @@ func (h *health) succeeded(channel string, now time.Time) {
 }
 
 func (h *health) failed(channel string, status int, now time.Time) {
-	h.bad.add(now)
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.lastStatus = status
@@ -158,12 +159,18 @@ func (h *health) expireLocked(now time.Time) {
 	h.tracked.Store(int64(len(h.refusals) + len(h.failing)))
 }
 
-// works reports whether the publisher takes what it is sent: some 2xx in
-// the window, and 5xx for at most one answer in healthyShare. Only then
-// is a channel that keeps failing the channel's problem.
+// works reports whether the publisher takes what it is sent: healthyShare
+// 2xx answers in the window per channel failing with 5xx. Only then is a
+// channel that keeps failing the channel's problem.
 func (h *health) works(now time.Time) bool {
-	ok, bad := h.ok.sum(now), h.bad.sum(now)
-	return ok > 0 && bad*healthyShare <= ok
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.expireLocked(now)
+	return worksLocked(h.ok.sum(now), len(h.failing))
+}
+
+func worksLocked(ok int64, failing int) bool {
+	return ok > 0 && int64(failing)*healthyShare <= ok
 }
 
 // refusedAlone reports whether channel is the only one refused with a 4xx
@@ -190,14 +197,14 @@ func (h *health) judge(now time.Time) fault {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.expireLocked(now)
-	ok, bad := h.ok.sum(now), h.bad.sum(now)
+	ok := h.ok.sum(now)
 	switch {
 	case len(h.refusals) >= misconfiguredChannels,
-		len(h.refusals) > 0 && ok == 0 && bad == 0: // nothing but 4xx
+		len(h.refusals) > 0 && ok == 0 && len(h.failing) == 0: // nothing but 4xx
 		return fault{Misconfigured, lastOf(h.refusals), len(h.refusals)}
 	case h.unhealthy.Load() > 0:
 		return fault{state: Unreachable}
-	case bad > 0 && bad*healthyShare > ok:
+	case len(h.failing) > 0 && !worksLocked(ok, len(h.failing)):
 		return fault{Failing, h.lastStatus, len(h.failing)}
 	}
 	return fault{state: OK}

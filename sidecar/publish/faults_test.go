@@ -412,3 +412,37 @@ func TestStopPublishesNothingMore(t *testing.T) {
 		t.Errorf("%d of 500 published before Stop: the backlog was not there to test", at)
 	}
 }
+
+// On a quiet host (two good publishes a second), one stuck channel that
+// retries far more often than that is still the channel's problem: the
+// publisher works, and the budget is spent.
+func TestStuckChannelOnAQuietHostSpendsItsBudget(t *testing.T) {
+	_, url := startFake(t, func(ch, _ string) int {
+		if ch == "stuck" {
+			return 500
+		}
+		return 200
+	})
+	out := make(chan Settlement, 256)
+	p := newPoolWith(t, url, out, Options{Lanes: 1, RetryBudget: 2 * time.Second}, Metrics{})
+	submit(p, 1, "stuck", "s")
+	deadline := time.After(8 * time.Second)
+	for i := 0; ; i++ {
+		select {
+		case s := <-out:
+			if s.Job.Tag == 1 {
+				if s.Outcome != Refused || s.Reason != ReasonBudget {
+					t.Fatalf("stuck message settled %+v, want its budget spent", s)
+				}
+				if st := p.State(); st != OK {
+					t.Errorf("state %s with one stuck channel beside working traffic, want ok", st)
+				}
+				return
+			}
+		case <-time.After(500 * time.Millisecond):
+			submit(p, uint64(100+i), "quiet", "q")
+		case <-deadline:
+			t.Fatalf("one stuck channel on a quiet host never spent its budget; state %s", p.State())
+		}
+	}
+}

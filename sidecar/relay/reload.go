@@ -127,9 +127,11 @@ func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Durati
 			r.draining[s] = until
 		}
 	}
+	// The state file first: the gauge must not say draining before a
+	// restart would still know it.
+	r.saveDrains()
 	r.shardsOwned.Store(int64(len(owned)))
 	r.shardsDraining.Store(int64(len(r.draining)))
-	r.saveDrains()
 	if sess != nil && len(gained) > 0 {
 		// Owned already says the new map; until every bind is done the
 		// broker routes the gained shards elsewhere: not applied yet.

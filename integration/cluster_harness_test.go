@@ -44,6 +44,14 @@ type rabbitCluster struct {
 	Nodes []*rabbitNode
 }
 
+// on returns the cluster with its failures reported to t: a subtest's
+// Fatal must end the subtest, not the test that started the cluster.
+func (c *rabbitCluster) on(t testing.TB) *rabbitCluster {
+	cc := *c
+	cc.t = t
+	return &cc
+}
+
 // rabbitUnavailable says why no cluster can start here, or "".
 func rabbitUnavailable() string {
 	if _, err := os.Stat(rabbitLib + "rabbitmq-server"); err != nil {

@@ -52,13 +52,13 @@ func TestCluster(t *testing.T) {
 		t.Run(run.name, func(t *testing.T) {
 			eachModule(t, func(t *testing.T, m stack.Module) {
 				// A queue per module: the second run must not find the first's.
-				f := clusterFailover(t, c, m, "it-cl-"+strings.ToLower(run.name)+"-"+string(m), run.victim)
+				f := clusterFailover(t, c.on(t), m, "it-cl-"+strings.ToLower(run.name)+"-"+string(m), run.victim)
 				figures = append(figures, fmt.Sprintf("%s on %s: %s", run.name, m, f))
 			})
 		})
 	}
-	t.Run("DeliveryLimit", func(t *testing.T) { testDeliveryLimit(t, c) })
-	t.Run("Cancel", func(t *testing.T) { testQueueDeletedUnderRelay(t, c) })
+	t.Run("DeliveryLimit", func(t *testing.T) { testDeliveryLimit(t, c.on(t)) })
+	t.Run("Cancel", func(t *testing.T) { testQueueDeletedUnderRelay(t, c.on(t)) })
 	for _, f := range figures {
 		t.Log(f)
 	}

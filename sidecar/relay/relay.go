@@ -464,6 +464,9 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 	defer r.oldestPending.Store(0)
 
 	deliveries := sess.Deliveries
+	// amqp091-go also closes the cancel channel when the consuming channel
+	// closes: that is a lost session (Closed says why), not a cancel.
+	cancelled := sess.Cancelled
 	var (
 		// r.pending runs once nothing is in flight; deliveries are
 		// paused until then, or until quiesceTimer: a publisher that
@@ -537,7 +540,11 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			}
 		case e := <-sess.Closed:
 			return fmt.Errorf("closed by broker or network: %w", e)
-		case <-sess.Cancelled:
+		case _, ok := <-cancelled:
+			if !ok {
+				cancelled = nil
+				continue
+			}
 			return errCancelled
 		case <-done:
 			stopping, done, deliveries = true, nil, nil

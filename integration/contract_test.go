@@ -431,7 +431,8 @@ func TestRefusedMessageIsDeadLetteredWhole(t *testing.T) {
 		}
 		const publishedAt = int64(1764000000123456)
 		refusedMsg := Msg{Channel: ch, Body: body, Type: "comment", ID: "big-1", ContentType: "application/octet-stream",
-			Headers: amqp.Table{"published_at": publishedAt, "x-trace": "req-7f3a"}}
+			Headers:   amqp.Table{"published_at": publishedAt, "x-trace": "req-7f3a"},
+			Timestamp: time.Unix(1764000000, 0), AppID: "comments-web", ContentEncoding: "identity"}
 		b.MustPublish(refusedMsg, Msg{Channel: ch, Body: []byte("1"), ID: "1", Type: "comment"})
 		if _, err := waitCheck(sub, 1, 30*time.Second); err != nil {
 			t.Errorf("the message behind the refused one: %v", err)
@@ -449,6 +450,10 @@ func TestRefusedMessageIsDeadLetteredWhole(t *testing.T) {
 		if d.MessageId != refusedMsg.ID || d.Type != refusedMsg.Type || d.ContentType != refusedMsg.ContentType {
 			t.Errorf("dead letter message_id %q type %q content_type %q, want %q %q %q",
 				d.MessageId, d.Type, d.ContentType, refusedMsg.ID, refusedMsg.Type, refusedMsg.ContentType)
+		}
+		if !d.Timestamp.Equal(refusedMsg.Timestamp) || d.AppId != refusedMsg.AppID || d.ContentEncoding != refusedMsg.ContentEncoding {
+			t.Errorf("dead letter timestamp %v app_id %q content_encoding %q, want the producer's %v %q %q",
+				d.Timestamp, d.AppId, d.ContentEncoding, refusedMsg.Timestamp, refusedMsg.AppID, refusedMsg.ContentEncoding)
 		}
 		if d.DeliveryMode != amqp.Persistent {
 			t.Errorf("dead letter delivery_mode %d, want persistent", d.DeliveryMode)

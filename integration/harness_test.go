@@ -285,6 +285,11 @@ type Msg struct {
 	// most producers do; noContentType sends none, to test the relay's
 	// default.
 	ContentType string
+	// Properties a producer may set that the relay passes on to a
+	// dead-letter copy untouched.
+	Timestamp       time.Time
+	AppID           string
+	ContentEncoding string
 }
 
 // noContentType as Msg.ContentType publishes without a content_type.
@@ -335,6 +340,7 @@ func (b *Broker) publishOnce(msgs []Msg) error {
 		key := strconv.Itoa(shard.Of(m.Channel, count))
 		err := b.ch.PublishWithContext(context.Background(), b.Exchange, key, false, false, amqp.Publishing{
 			Headers: headers, MessageId: m.ID, Type: m.Type, ContentType: contentType,
+			Timestamp: m.Timestamp, AppId: m.AppID, ContentEncoding: m.ContentEncoding,
 			DeliveryMode: amqp.Persistent, Body: m.Body,
 		})
 		if err != nil {

@@ -7,6 +7,8 @@
 package message
 
 import (
+	"time"
+
 	amqp "github.com/rabbitmq/amqp091-go"
 )
 
@@ -45,9 +47,12 @@ type Message struct {
 	ContentType string
 	Body        []byte
 	PublishedAt int64 // Unix microseconds; 0 when the producer did not say
-	// Headers are the delivery's own, kept for a dead-letter copy, which
-	// must carry everything the producer sent.
-	Headers amqp.Table
+	// Headers and the properties below are the delivery's own, kept for a
+	// dead-letter copy, which must carry everything the producer sent.
+	Headers         amqp.Table
+	Timestamp       time.Time
+	AppID           string
+	ContentEncoding string
 }
 
 // published_at is Unix microseconds: between 2001 (1e15 µs) and 2286
@@ -83,6 +88,10 @@ func Parse(d *amqp.Delivery, maxBody int) (Message, Reason) {
 		ContentType: d.ContentType,
 		Body:        d.Body,
 		Headers:     d.Headers,
+
+		Timestamp:       d.Timestamp,
+		AppID:           d.AppId,
+		ContentEncoding: d.ContentEncoding,
 	}
 	switch v := d.Headers["published_at"].(type) {
 	case int64:

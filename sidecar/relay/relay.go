@@ -677,7 +677,8 @@ func (r *Relay) handleSettlement(s *session, st *publish.Settlement) error {
 		if st.Status != 0 {
 			headers["x-pushrelay-status"] = int32(st.Status)
 		}
-		p := amqp.Publishing{Headers: headers, ContentType: m.ContentType, MessageId: m.ID, Type: m.Type, Body: m.Body}
+		p := amqp.Publishing{Headers: headers, ContentType: m.ContentType, ContentEncoding: m.ContentEncoding,
+			MessageId: m.ID, Type: m.Type, Timestamp: m.Timestamp, AppId: m.AppID, Body: m.Body}
 		if err := r.deadLetter(s, st.Job.Tag, p, "", st.Reason); err != nil {
 			return err
 		}

@@ -134,9 +134,7 @@ func TestStuckChannelHoldsUpOnlyItself(t *testing.T) {
 
 		const perChannel = 30
 		p.broker.MustPublish(Msg{Channel: "stuck", Body: []byte("stuck-1"), ID: "s1"}, Msg{Channel: "stuck", Body: []byte("stuck-2"), ID: "s2"})
-		for seq := 1; seq <= perChannel; seq++ {
-			p.broker.MustPublish(seqMsgs(chans, seq)...)
-		}
+		publishRounds(p.broker, chans, perChannel)
 		if dups := waitAll(t, subs, perChannel, 60*time.Second); dups != 0 {
 			t.Errorf("%d duplicates", dups)
 		}
@@ -208,9 +206,7 @@ func TestRefusingPublisherDeadLettersNothing(t *testing.T) {
 		subs := subscribeAll(t, p.nginx, chans, EventSource)
 
 		const perChannel = 10
-		for seq := 1; seq <= perChannel; seq++ {
-			p.broker.MustPublish(seqMsgs(chans, seq)...)
-		}
+		publishRounds(p.broker, chans, perChannel)
 		waitFor(t, "/readyz to name the 403", 15*time.Second, func() bool {
 			code, body := readyz(t, p.relay)
 			return code == 503 && strings.Contains(body, "403") && strings.Contains(body, "allow list")
@@ -253,9 +249,7 @@ func TestRetryableAnswerOnKeepAliveKeepsOrder(t *testing.T) {
 		chans := channels("ka503", 20)
 		subs := subscribeAll(t, p.nginx, chans, EventSource)
 		const perChannel = 50
-		for seq := 1; seq <= perChannel; seq++ {
-			p.broker.MustPublish(seqMsgs(chans, seq)...)
-		}
+		publishRounds(p.broker, chans, perChannel)
 		// Order is checked by waitAll. On Nchan nothing repeats: the relay
 		// trusts the answers after a 503 on an open connection. On Push
 		// Stream it may not (its early rejections leave the body unread),

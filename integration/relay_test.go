@@ -75,6 +75,14 @@ func seqMsgs(chans []string, seq int) []Msg {
 	return msgs
 }
 
+// publishRounds publishes messages 1..rounds of every channel, round by
+// round, each round confirmed before the next.
+func publishRounds(b *Broker, chans []string, rounds int) {
+	for seq := 1; seq <= rounds; seq++ {
+		b.MustPublish(seqMsgs(chans, seq)...)
+	}
+}
+
 // waitAll waits until every subscriber saw message want of its channel,
 // then checks each for loss and order, and returns the duplicates seen.
 func waitAll(t *testing.T, subs []*Subscriber, want int, timeout time.Duration) (dups int) {
@@ -132,9 +140,7 @@ func TestEveryMessageArrivesInOrder(t *testing.T) {
 		subs := subscribeAll(t, p.nginx, chans, kindsOn(m)...)
 
 		const perChannel = 100
-		for seq := 1; seq <= perChannel; seq++ {
-			p.broker.MustPublish(seqMsgs(chans, seq)...)
-		}
+		publishRounds(p.broker, chans, perChannel)
 		if dups := waitAll(t, subs, perChannel, 90*time.Second); dups != 0 {
 			t.Errorf("%d duplicates in a run without failures", dups)
 		}

@@ -64,9 +64,7 @@ func TestReloadFixesAWrongPublisherURL(t *testing.T) {
 		chans := channels("fixurl", 20)
 		subs := subscribeAll(t, p.nginx, chans, EventSource)
 		const perChannel = 10
-		for seq := 1; seq <= perChannel; seq++ {
-			p.broker.MustPublish(seqMsgs(chans, seq)...)
-		}
+		publishRounds(p.broker, chans, perChannel)
 		waitFor(t, "/readyz to say the publisher is unreachable", 15*time.Second, func() bool {
 			code, body := readyz(t, p.relay)
 			return code == 503 && strings.Contains(body, "unreachable")
@@ -157,9 +155,7 @@ func TestTwoRelaysWithOneHostNeverSplitTheQueue(t *testing.T) {
 	chans := channels("clone", 10)
 	subs := subscribeAll(t, p.nginx, chans, EventSource)
 	const perChannel = 50
-	for seq := 1; seq <= perChannel; seq++ {
-		p.broker.MustPublish(seqMsgs(chans, seq)...)
-	}
+	publishRounds(p.broker, chans, perChannel)
 	waitAll(t, subs, perChannel, 30*time.Second)
 	if got := clone.Metric("pushrelay_messages_received_total"); got != 0 {
 		t.Fatalf("the clone took %v messages: the queue was split", got)

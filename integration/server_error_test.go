@@ -70,9 +70,7 @@ func TestServerErrorsLoseNothing(t *testing.T) {
 		subs := subscribeAll(t, n, chans, kinds...)
 
 		const perChannel = 50
-		for seq := 1; seq <= perChannel; seq++ {
-			p.broker.MustPublish(seqMsgs(chans, seq)...)
-		}
+		publishRounds(p.broker, chans, perChannel)
 		if dups := waitAll(t, subs, perChannel, 60*time.Second); dups != 0 {
 			t.Errorf("%d duplicates: a 500 answered before the module ran was published anyway?", dups)
 		}

@@ -65,7 +65,6 @@ const (
 // health is shared by the lanes. Successes are the hot path and touch a
 // few atomics; failures are rare and take the lock.
 type health struct {
-	lanes     int
 	unhealthy atomic.Int64 // lanes whose last attempt got no HTTP answer
 	tracked   atomic.Int64 // len(refusals)+len(failing), read without the lock
 	ok        window       // 2xx answers
@@ -108,8 +107,8 @@ func (w *window) sum(now time.Time) (total int64) {
 	return total
 }
 
-func newHealth(lanes int) *health {
-	return &health{lanes: lanes, refusals: map[string]answer{}, failing: map[string]answer{}}
+func newHealth() *health {
+	return &health{refusals: map[string]answer{}, failing: map[string]answer{}}
 }
 
 func (h *health) succeeded(channel string, now time.Time) {

@@ -103,7 +103,7 @@ type Pool struct {
 // NewPool starts the lanes; they run until Stop.
 func NewPool(opts Options, out chan<- Settlement, m Metrics, log *slog.Logger) *Pool {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Pool{opts: opts, stop: cancel, health: newHealth(opts.Lanes)}
+	p := &Pool{opts: opts, stop: cancel, health: newHealth()}
 	p.lanes = make([]*lane, opts.Lanes)
 	for i := range p.lanes {
 		p.lanes[i] = newLane(i, p, out, m, log)

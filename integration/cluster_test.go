@@ -25,8 +25,9 @@ import (
 //	DeliveryLimit: a relay SIGKILLed with a message in flight, again and
 //	               again, spends amqp.delivery_limit and the queue itself
 //	               dead-letters the message (x-death reason delivery_limit);
-//	Cancel:        the queue deleted under the relay: basic.cancel, then
-//	               one new session that redeclares it, no reconnect storm.
+//	Cancel:        the queue deleted under the relay: basic.cancel (or the
+//	               queue watch, when the broker sends none), then one new
+//	               session that redeclares it, no reconnect storm.
 //
 // Both kills check every message arrives once at least, in order per
 // channel, and print what the failover cost: duplicates, and the time the
@@ -402,8 +403,8 @@ func testDeliveryLimit(t *testing.T, c *rabbitCluster) {
 }
 
 // The queue deleted under a consuming relay (an operator's mistake, or a
-// policy change done by delete-and-recreate): RabbitMQ sends basic.cancel,
-// the relay opens one new session that declares and binds the queue again,
+// policy change done by delete-and-recreate): RabbitMQ sends basic.cancel
+// (or the relay's queue watch notices), the relay opens one new session that declares and binds the queue again,
 // and messages flow; no reconnect storm.
 func testQueueDeletedUnderRelay(t *testing.T, c *rabbitCluster) {
 	ngx := startNginxModule(t, stack.Nchan)
@@ -422,31 +423,22 @@ func testQueueDeletedUnderRelay(t *testing.T, c *rabbitCluster) {
 	t.Logf("relay on %s, leader %s", r.node(c).Name, c.Leader(r.queue).Name)
 	deleted := time.Now()
 	c.ctl(r.node(c), "delete_queue", r.queue)
-	deadline := time.Now().Add(15 * time.Second)
-	for r.sessions() < 2 || r.Metric("pushrelay_amqp_connected") != 1 {
-		if time.Now().After(deadline) {
-			consumers, _ := c.ctlErr(c.Nodes[0], 30*time.Second, "list_consumers", "queue_name", "channel_pid", "consumer_tag")
-			chans, _ := c.ctlErr(c.Nodes[0], 30*time.Second, "list_channels", "pid", "connection", "consumer_count", "messages_unacknowledged")
-			t.Logf("15 s after the delete: consumers\n%s\nchannels\n%s", consumers, chans)
-			log := r.Log()
-			if r.sessions() == 1 && !strings.Contains(log, "cancelled the consumer") && !strings.Contains(log, "session lost") {
-				// Seen in 4 of 10 runs on RabbitMQ 3.10.8, and with a plain
-				// amqp091-go consumer too: the queue is gone, list_consumers
-				// is empty, yet the relay's channel still counts its consumer
-				// and nothing was sent; the relay's own basic.cancel later
-				// crashes that channel (541, case_clause {error,noproc} in
-				// rabbit_channel). No client can react to a notification it
-				// never gets: the broker's bug, not the relay's.
-				t.Skip("RabbitMQ sent no basic.cancel for the deleted queue (a broker bug seen on 3.10.8); the relay, told nothing, still consumes from it")
-			}
-			t.Fatalf("no second session 15 s after the delete")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	// RabbitMQ 3.10.8 sometimes sends no basic.cancel (about 1 delete in
+	// 4, with a plain amqp091-go client too): the relay's queue watch
+	// finds the queue gone within 5 s then (cancel_test.go makes that case
+	// certain).
+	waitFor(t, "a second session", 25*time.Second, func() bool {
+		return r.sessions() >= 2 && r.Metric("pushrelay_amqp_connected") == 1
+	})
 	t.Logf("consuming again %v after the delete", time.Since(deleted).Round(time.Millisecond))
 	logSessions(t, r)
-	if !strings.Contains(r.Log(), "the broker cancelled the consumer") {
-		t.Error("the relay did not log the cancel")
+	switch log := r.Log(); {
+	case strings.Contains(log, "the broker cancelled the consumer"):
+		t.Log("the broker sent basic.cancel")
+	case strings.Contains(log, "the host queue is gone"):
+		t.Log("the broker sent no basic.cancel; the queue watch found the queue gone")
+	default:
+		t.Error("the relay did not say why it reconnected")
 	}
 	for seq := 2; seq <= 10; seq++ {
 		b.MustPublish(seqMsgs(chans, seq)...)

@@ -47,6 +47,9 @@ type Options struct {
 	Heartbeat     time.Duration
 	Timeout       time.Duration // dial, handshake, channel open, each declare
 	Consumer      string        // consumer tag
+	// QueueCheck: how often to ask whether the queue still exists, for a
+	// broker that deletes it without a basic.cancel (watch.go); 0: never.
+	QueueCheck time.Duration
 }
 
 // Session is the relay's link to the broker: a consuming connection with a
@@ -59,6 +62,7 @@ type Session struct {
 	consume    *amqp.Channel
 	ctl        *amqp.Channel
 	dead       *deadLetters
+	watch      *queueWatch
 	Deliveries <-chan amqp.Delivery
 	// DeadLettered reports each dead-letter copy's fate, in no set order.
 	DeadLettered <-chan CopyResult
@@ -72,6 +76,9 @@ type Session struct {
 	// Cancelled receives the consumer tag when the broker cancels the
 	// consumer (the queue was deleted, or its node went away).
 	Cancelled <-chan string
+	// Gone is closed when the queue turns out deleted although the broker
+	// sent no basic.cancel. Nil without Options.QueueCheck.
+	Gone <-chan struct{}
 }
 
 // Open connects, declares the topology and starts consuming. bound lists
@@ -159,6 +166,12 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 		return err
 	}
 	s.DeadLettered = s.dead.results
+	if s.opts.QueueCheck > 0 {
+		if s.watch, err = watchQueue(ctx, s, s.opts.QueueCheck); err != nil {
+			return fmt.Errorf("open queue watch channel: %w", err)
+		}
+		s.Gone = s.watch.gone
+	}
 	return nil
 }
 
@@ -375,5 +388,9 @@ func (s *Session) Close() error {
 	if s.dead != nil {
 		s.dead.close()
 	}
-	return s.conn.Close()
+	err := s.conn.Close()
+	if s.watch != nil {
+		s.watch.close() // after the connection: that ends a declare in progress
+	}
+	return err
 }

@@ -47,6 +47,9 @@ const (
 	standbyRetry = 5 * time.Second
 	// minHealthySession: a session lost sooner counts as a failed connect.
 	minHealthySession = 5 * time.Second
+	// queueCheck: how often a session checks that its queue still exists,
+	// against a broker that deleted it without a basic.cancel.
+	queueCheck = 5 * time.Second
 )
 
 // errReconnect asks Run for a new AMQP session right away, after a reload
@@ -57,6 +60,10 @@ var errReconnect = errors.New("config change needs a new AMQP session")
 // the node holding it went away). A new session redeclares the queue and
 // binds it again, on whichever node answers.
 var errCancelled = errors.New("the broker cancelled the consumer")
+
+// errQueueGone: the queue was deleted and the broker said nothing (see
+// consume.Options.QueueCheck). The same cure as errCancelled.
+var errQueueGone = errors.New("the host queue is gone, and the broker sent no basic.cancel")
 
 // Hooks let other parts of the daemon follow config reloads.
 type Hooks struct {
@@ -321,8 +328,8 @@ func (r *Relay) Run(ctx context.Context) error {
 		case errors.Is(err, errReconnect):
 			r.log.Info("reconnecting to apply the new config")
 			continue
-		case errors.Is(err, errCancelled) && time.Since(began) >= minHealthySession:
-			r.log.Warn("the broker cancelled the consumer; redeclaring and consuming again", "node", r.node)
+		case (errors.Is(err, errCancelled) || errors.Is(err, errQueueGone)) && time.Since(began) >= minHealthySession:
+			r.log.Warn(err.Error()+"; redeclaring and consuming again", "node", r.node)
 			failures = 0
 			continue
 		}
@@ -372,6 +379,7 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 		Heartbeat:     a.Heartbeat.D(),
 		Timeout:       amqpTimeout,
 		Consumer:      "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
+		QueueCheck:    queueCheck,
 	}
 	// Every node in turn, from a random one, so that five relays whose
 	// node died do not all stampede the same survivor.
@@ -546,6 +554,8 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 				continue
 			}
 			return errCancelled
+		case <-sess.Gone:
+			return errQueueGone
 		case <-done:
 			stopping, done, deliveries = true, nil, nil
 			quiesceTimer = nil // a rebuild waits for the next start

@@ -1,0 +1,62 @@
+package consume
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// queueWatch asks the broker, every interval, whether the host queue still
+// exists. RabbitMQ is meant to send basic.cancel when a consumed queue is
+// deleted, but 3.10.8 sometimes does not (seen in about 1 of 4 deletes,
+// with a plain amqp091-go client too): the channel goes on counting a
+// consumer of a queue that is gone, and a relay that waits for the cancel
+// consumes nothing, forever. A passive declare answers NOT_FOUND then.
+type queueWatch struct {
+	gone chan struct{}
+	stop chan struct{}
+	done chan struct{}
+}
+
+// watchQueue starts the watch on a channel of its own: the broker closes
+// the channel it answers NOT_FOUND on, and the session's are watched.
+// Only NOT_FOUND counts: a slow or failing broker is the heartbeat's and
+// the session's business, not the watch's.
+func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queueWatch, error) {
+	ch, err := openChannel(ctx, s.conn, s.opts.Timeout)
+	if err != nil {
+		return nil, err
+	}
+	w := &queueWatch{gone: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-w.stop:
+				return
+			case <-tick.C:
+			}
+			// Returns when the broker answers or the connection closes,
+			// which Close does before waiting for this goroutine.
+			_, err := ch.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
+			var ae *amqp.Error
+			if errors.As(err, &ae) && ae.Code == amqp.NotFound {
+				close(w.gone)
+				return
+			}
+			if err != nil {
+				return // the connection is gone: Closed says so
+			}
+		}
+	}()
+	return w, nil
+}
+
+func (w *queueWatch) close() {
+	close(w.stop)
+	<-w.done
+}

@@ -62,7 +62,7 @@ type options struct {
 }
 
 // allParts are -parts' names, in the order they run.
-const allParts = "drain,latency,allocs,socket,ladder,poison,hot"
+const allParts = "drain,latency,allocs,socket,ladder,poison,hot,queues"
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "rawconsume" {
@@ -82,7 +82,7 @@ func main() {
 	flag.IntVar(&o.workers, "nginx-workers", 2, "Nginx worker processes")
 	flag.StringVar(&o.publisher, "publisher", "", "diagnostic: drain into this publish URL instead of the bench's Nginx")
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
-	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot; only if named: queues (classic vs quorum)")
+	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot, and queues (classic vs quorum, one node)")
 	flag.StringVar(&modules, "modules", "nchan,pushstream", "modules for socket, ladder, poison and hot")
 	o.perModule.flags()
 	flag.Parse()
@@ -93,8 +93,8 @@ func main() {
 	}
 	o.parts = map[string]bool{}
 	for _, p := range list(parts) {
-		if !slices.Contains(list(allParts+","+optionalParts), p) {
-			fmt.Fprintf(os.Stderr, "bench: -parts: unknown part %q (want some of %s, or of %s)\n", p, allParts, optionalParts)
+		if !slices.Contains(list(allParts), p) {
+			fmt.Fprintf(os.Stderr, "bench: -parts: unknown part %q (want some of %s)\n", p, allParts)
 			os.Exit(2)
 		}
 		o.parts[p] = true

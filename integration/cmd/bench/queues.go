@@ -13,8 +13,8 @@ import (
 	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
-// optionalParts run only when -parts names them: they add minutes and
-// answer a deployment question, not the relay's own figures.
+// The queues part (issue 10) answers a deployment question rather than
+// measuring the relay itself:
 //
 //	queues: the relay on a classic queue against a quorum queue, both on
 //	        the broker at -amqp: drain rate, CPU per message (relay and
@@ -22,7 +22,6 @@ import (
 //	        writes every message to its Raft log and fsyncs it before the
 //	        publisher's confirm; this is what that costs on one node
 //	        (a cluster adds the replication round trip on top).
-const optionalParts = "queues"
 
 // queueRate is the offered rate of the queues part's latency run.
 var queueRate int

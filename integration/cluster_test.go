@@ -209,6 +209,12 @@ func clusterFailover(t *testing.T, c *rabbitCluster, m stack.Module, host string
 	c.Kill(victim)
 	killed := time.Now()
 	time.Sleep(5 * time.Second)
+	// Before the victim is back the relay must consume through a node
+	// that survived, not wait for its own to return.
+	if now := r.node(c); now == victim || r.Metric("pushrelay_amqp_connected") != 1 {
+		t.Errorf("5 s after %s was killed the relay is not consuming through another node (its latest session: %s, amqp_connected %v)",
+			victim.Name, now.Name, r.Metric("pushrelay_amqp_connected"))
+	}
 	c.Restart(victim)
 	t.Logf("%s back %v after the kill", victim.Name, time.Since(killed).Round(100*time.Millisecond))
 	if err := wait(); err != nil {

@@ -301,6 +301,12 @@ func (c *Config) Validate() error {
 	if c.AMQP.MessageTTL < 0 || c.AMQP.MaxLength < 0 || c.AMQP.DeadLetterMaxLength < 0 {
 		bad("amqp", "message_ttl, max_length and dead_letter_max_length must not be negative")
 	}
+	// RabbitMQ takes x-message-ttl in whole milliseconds, up to ten years
+	// (measured on 3.10: 315360000001 is refused, value_too_large). A
+	// refused declare would only show at the relay's next session.
+	if ttl := c.AMQP.MessageTTL.D(); ttl > 0 && (ttl < time.Millisecond || ttl > maxMessageTTL) {
+		bad("amqp.message_ttl", "must be 0 (none) or 1ms..%v (RabbitMQ's limit), got %v", maxMessageTTL, ttl)
+	}
 	if n := btoi(c.AMQP.URL != "") + btoi(len(c.AMQP.URLs) > 0) + btoi(c.AMQP.URLFile != ""); n > 1 {
 		bad("amqp.urls", "set one of amqp.url, amqp.urls and amqp.url_file, not %d", n)
 	}
@@ -382,6 +388,9 @@ func (c *Config) Validate() error {
 // maxAMQPName is the longest AMQP short string, the type of exchange and
 // queue names on the wire.
 const maxAMQPName = 255
+
+// maxMessageTTL is the longest x-message-ttl RabbitMQ accepts.
+const maxMessageTTL = 3650 * 24 * time.Hour
 
 func checkPublishURL(raw string) error {
 	_, err := publish.ParseTarget(publish.PushStream, raw)

@@ -109,3 +109,17 @@ func TestShippedExampleLoads(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// RabbitMQ refuses x-message-ttl past ten years, and takes whole
+// milliseconds: check-config must say so, not the relay's next session.
+func TestMessageTTLWithinRabbitMQsRange(t *testing.T) {
+	for ttl, ok := range map[string]bool{"0s": true, "1ms": true, "87600h": true, "87600h1ms": false, "1000000h": false, "500us": false} {
+		_, err := Parse([]byte("host = \"fe1\"\n[amqp]\nmessage_ttl = \"" + ttl + "\"\n"))
+		if got := err == nil; got != ok {
+			t.Errorf("message_ttl %s: error %v, want accepted %v", ttl, err, ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "amqp.message_ttl") {
+			t.Errorf("message_ttl %s: error %q does not name the key", ttl, err)
+		}
+	}
+}

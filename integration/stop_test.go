@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	amqp "github.com/rabbitmq/amqp091-go"
+
 	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
@@ -116,6 +118,54 @@ func TestCleanStopWithNginxDownLosesNothing(t *testing.T) {
 		}
 		if r := p.relay.Metric("pushrelay_messages_redelivered_total"); r != total {
 			t.Errorf("pushrelay_messages_redelivered_total = %v, want %d: all of them were left unacked", r, total)
+		}
+	})
+}
+
+// Issue 10: clean stops in the middle of a drain, on a quorum queue with
+// a strict delivery_limit (2). Two RabbitMQ 3.10 behaviours meet here: its
+// quorum queue channel drops acks it has not sent yet when it closes, so
+// the next session publishes those messages again; and it hands back what
+// is on the way to a consumer that basic.cancel ended, so the next session
+// gets it after later messages. Six stops, then every message arrives
+// once, in order, and pushrelay.dead holds none of this queue's.
+func TestCleanStopsOnAQuorumQueue(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		host := uniqueHost("it-stop-limit-" + string(m))
+		queue := "pushrelay." + host
+		p := newPipeline(t, m, host, RelayOptions{AMQP: "queue_type = \"quorum\"\ndelivery_limit = 2"})
+		chans := channels("stoplimit", 50)
+		subs := subscribeAll(t, p.nginx, chans, EventSource)
+		p.relay.Stop()
+		p.broker.Drain("pushrelay.dead")
+		const rounds = 400
+		publishRounds(p.broker, chans, rounds)
+
+		for stop := 1; stop <= 6; stop++ {
+			if err := p.relay.Launch(); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the relay to receive", 20*time.Second, func() bool {
+				return p.relay.Metric("pushrelay_messages_received_total") >= 1
+			})
+			p.relay.Stop()
+		}
+		p.relay.Start()
+		dups := waitAll(t, subs, rounds, 30*time.Second)
+		dead := 0
+		for _, d := range p.broker.Drain("pushrelay.dead") {
+			if deaths, _ := d.Headers["x-death"].([]any); len(deaths) > 0 {
+				if x, ok := deaths[0].(amqp.Table); ok && x["queue"] == queue {
+					dead++
+				}
+			}
+		}
+		t.Logf("6 clean stops in a drain of %d messages: %d dead-lettered by the queue, %d duplicates", rounds*len(chans), dead, dups)
+		if dead != 0 {
+			t.Errorf("%d messages dead-lettered by %s (delivery_limit 2) after clean stops with a working Nginx", dead, queue)
+		}
+		if dups != 0 {
+			t.Errorf("%d duplicates after clean stops: acks were lost", dups)
 		}
 	})
 }

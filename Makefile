@@ -38,7 +38,7 @@ test: deps vet build
 # 200,000 executions (a few seconds): a count, not a duration, because
 # with a duration go test -fuzz now and then fails "context deadline
 # exceeded" when the time runs out mid-minimization (seen in CI).
-FUZZ_TARGETS := ./sidecar/message:FuzzParse ./sidecar/config:FuzzParse ./sidecar/publish:FuzzAnswers
+FUZZ_TARGETS := ./sidecar/message:FuzzParse ./sidecar/config:FuzzParse ./sidecar/config:FuzzRedact ./sidecar/publish:FuzzAnswers
 FUZZTIME     ?= 2m
 
 fuzz:

@@ -399,9 +399,11 @@ func checkPublishURL(raw string) error {
 
 // AMQPURLs resolves the broker nodes: amqp.urls, else amqp.url, else the
 // file in amqp.url_file, else $PUSHRELAY_AMQP_URL (the last two: one URL
-// per line, or comma-separated), else the local default. The file and the
-// environment are read at each call, so a new password there applies at
-// the next connect.
+// per line, or comma-separated; the file may hold # comments), else the
+// local default. The file and the environment are read at each call, so a
+// new password there applies at the next connect. The entries are not
+// parsed here: the relay dials the ones that work; CheckAMQPURLs says which
+// do not.
 func (c *Config) AMQPURLs() ([]string, error) {
 	switch {
 	case len(c.AMQP.URLs) > 0:
@@ -413,11 +415,72 @@ func (c *Config) AMQPURLs() ([]string, error) {
 		if err != nil {
 			return nil, fmt.Errorf("amqp.url_file: %w", err)
 		}
-		return splitURLs("amqp.url_file", string(b))
+		urls, err := splitURLs("amqp.url_file "+c.AMQP.URLFile, stripURLFileComments(string(b)))
+		if err != nil {
+			return nil, fmt.Errorf("%w (blank lines and # comments aside)", err)
+		}
+		return urls, nil
 	case os.Getenv(EnvAMQPURL) != "":
 		return splitURLs("$"+EnvAMQPURL, os.Getenv(EnvAMQPURL))
 	}
 	return []string{"amqp://guest:guest@127.0.0.1:5672/"}, nil
+}
+
+// CheckAMQPURLs resolves the broker URLs as the relay does at each connect
+// and parses every entry: Parse cannot see amqp.url_file or
+// $PUSHRELAY_AMQP_URL, and check-config must refuse what the relay could
+// never dial. Errors name the source and the entry, redacted.
+func (c *Config) CheckAMQPURLs() error {
+	urls, err := c.AMQPURLs()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for i, u := range urls {
+		if err := CheckAMQPURL(u); err != nil {
+			entry := fmt.Sprintf("entry %d", i+1)
+			if r := Redact(u); r != unparseableURL {
+				entry += " (" + r + ")"
+			}
+			errs = append(errs, fmt.Errorf("%s: %s: %w", c.amqpURLSource(), entry, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// amqpURLSource names where AMQPURLs takes the URLs from, for errors.
+func (c *Config) amqpURLSource() string {
+	switch {
+	case len(c.AMQP.URLs) > 0:
+		return "amqp.urls"
+	case c.AMQP.URL != "":
+		return "amqp.url"
+	case c.AMQP.URLFile != "":
+		return "amqp.url_file " + c.AMQP.URLFile
+	case os.Getenv(EnvAMQPURL) != "":
+		return "$" + EnvAMQPURL
+	}
+	return "the default AMQP URL"
+}
+
+// stripURLFileComments drops what an operator or an editor puts around the
+// URLs in amqp.url_file: a UTF-8 BOM, which would glue itself to the first
+// URL, and # comments, from a # that starts the line or follows
+// whitespace. A # right after other text stays: it belongs to the URL (an
+// unencoded # in a password), and cutting there would dial a truncated
+// password instead of CheckAMQPURL saying how to encode it.
+func stripURLFileComments(text string) string {
+	text = strings.TrimPrefix(text, "\ufeff")
+	lines := strings.Split(text, "\n")
+	for i, line := range lines {
+		for j := 0; j < len(line); j++ {
+			if line[j] == '#' && (j == 0 || line[j-1] == ' ' || line[j-1] == '\t') {
+				lines[i] = line[:j]
+				break
+			}
+		}
+	}
+	return strings.Join(lines, "\n")
 }
 
 func splitURLs(from, list string) ([]string, error) {
@@ -463,11 +526,25 @@ func CheckAMQPURL(raw string) error {
 	return nil
 }
 
-// Redact hides the password of an AMQP URL for logs.
+// Redact hides the password of an AMQP URL for logs. url.Parse finds the
+// password only in the userinfo: a commented-out URL it reads as a
+// fragment, or a password with an unencoded / ? or # that moves the rest
+// into the path, query or fragment, would come out verbatim, so every
+// user:password@ left in the result is masked too. A URL that does not
+// parse is not shown at all: without the @ nothing tells where its
+// password ends.
 func Redact(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
-		return "(unparseable URL)"
+		return unparseableURL
 	}
-	return u.Redacted()
+	return userinfoPattern.ReplaceAllString(u.Redacted(), "${1}:xxxxx@")
 }
+
+// unparseableURL is what Redact shows of a URL url.Parse refuses.
+const unparseableURL = "(unparseable URL)"
+
+// userinfoPattern matches [scheme://]user:password@ anywhere. The password
+// runs to the last @, across anything: a password may hold an unencoded @,
+// and masking too much is harmless where showing too little is not.
+var userinfoPattern = regexp.MustCompile(`(?s)((?:[A-Za-z][A-Za-z0-9+.-]*://)?[^\s/:@#?,]*):.*@`)

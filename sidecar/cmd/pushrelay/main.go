@@ -16,7 +16,7 @@ const usage = `usage: pushrelay <command> [arguments]
 
 commands:
   run -config FILE                 relay this host's queue to the local publisher
-  check-config FILE                validate a config file (exit 0, or 1 with the error)
+  check-config FILE                validate a config file and its AMQP URLs (exit 0, or 1 with the error)
   probes [-config FILE] [-for 5s]  count this host's Nginx connections/packets with eBPF and print /metrics
   shard [-config FILE] CHANNEL...  print "channel shard owner" for each channel
   plan -hosts fe1,fe2,... [-from FILE] [-count N]
@@ -69,8 +69,16 @@ func checkConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: pushrelay check-config FILE")
 		return 2
 	}
-	if _, err := config.Load(args[0]); err != nil {
+	cfg, err := config.Load(args[0])
+	if err != nil {
 		fmt.Fprintln(stderr, "pushrelay: invalid config:", err)
+		return 1
+	}
+	// The relay reads amqp.url_file and $PUSHRELAY_AMQP_URL only when it
+	// connects; systemd runs check-config before a start or a reload, so a
+	// file the relay could not use must fail here, not after the reload.
+	if err := cfg.CheckAMQPURLs(); err != nil {
+		fmt.Fprintln(stderr, "pushrelay: invalid AMQP URL:", err)
 		return 1
 	}
 	fmt.Fprintln(stdout, args[0]+": ok")

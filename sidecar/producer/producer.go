@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	neturl "net/url"
 	"strconv"
 	"strings"
@@ -61,12 +62,23 @@ type Message struct {
 	ContentType string
 }
 
+// DefaultDialTimeout bounds each node's attempt in Dial and DialAny: the TCP
+// connect, then the TLS and AMQP handshakes. A hung node (a stopped broker
+// whose kernel still accepts connections) would otherwise hold each attempt
+// for amqp091-go's 30 s before the next node is tried.
+const DefaultDialTimeout = 5 * time.Second
+
 // Option changes a Publisher's defaults.
 type Option func(*Publisher)
 
 // WithMaxBody sets the largest body Publish accepts; match the relays'
 // push.max_body.
 func WithMaxBody(n int) Option { return func(p *Publisher) { p.maxBody = n } }
+
+// WithDialTimeout sets how long Dial and DialAny give each node to connect
+// and finish the handshakes (DefaultDialTimeout). New, which is handed a
+// connection, ignores it.
+func WithDialTimeout(d time.Duration) Option { return func(p *Publisher) { p.dialTimeout = d } }
 
 // Publisher publishes Messages on one AMQP channel in confirm mode. It is
 // safe for concurrent use. After a channel error (for example a missing
@@ -79,6 +91,8 @@ type Publisher struct {
 	exchange string
 	count    int
 	maxBody  int
+	// dialTimeout is only read by DialAny, before the Publisher exists.
+	dialTimeout time.Duration
 
 	mu     sync.Mutex // guards sess and closed
 	sess   *session
@@ -125,26 +139,56 @@ func New(conn *amqp.Connection, exchange string, count int, opts ...Option) (*Pu
 
 // Dial connects to url and returns a Publisher that owns the connection.
 // url may name several nodes of a cluster, comma-separated; DialAny says
-// how they are tried.
+// how they are tried, and for how long.
 func Dial(url, exchange string, count int, opts ...Option) (*Publisher, error) {
 	return DialAny(strings.Split(url, ","), exchange, count, opts...)
 }
 
 // DialAny connects to the first of urls that answers, starting from a
 // random one so that many producers spread over a cluster's nodes, and
-// returns a Publisher that owns the connection. It does not redial: after
-// a node's loss, Dial again.
+// returns a Publisher that owns the connection. Each node gets
+// DefaultDialTimeout (WithDialTimeout changes it) to connect and answer the
+// handshakes, so a hung node costs that long, not 30 s; a URL's own
+// connection_timeout (milliseconds) wins for its node. It does not redial:
+// after a node's loss, Dial again.
 func DialAny(urls []string, exchange string, count int, opts ...Option) (*Publisher, error) {
 	if len(urls) == 0 {
 		return nil, errors.New("producer: no AMQP URL")
+	}
+	defaults := Publisher{dialTimeout: DefaultDialTimeout}
+	for _, o := range opts {
+		o(&defaults)
+	}
+	timeout := defaults.dialTimeout
+	if timeout <= 0 {
+		return nil, fmt.Errorf("producer: dial timeout must be positive, got %v", timeout)
 	}
 	first := rand.N(len(urls))
 	var errs []error
 	for i := range urls {
 		url := strings.TrimSpace(urls[(first+i)%len(urls)])
+		// amqp091-go reads the URL's connection_timeout only in the dialer
+		// this one replaces: keep it winning for its node, as before.
+		nodeTimeout := timeout
+		if uri, err := amqp.ParseURI(url); err == nil && uri.ConnectionTimeout > 0 {
+			nodeTimeout = time.Duration(uri.ConnectionTimeout) * time.Millisecond
+		}
 		conn, err := amqp.DialConfig(url, amqp.Config{
 			Heartbeat:  10 * time.Second,
 			Properties: amqp.Table{"connection_name": "pushrelay producer"},
+			Dial: func(network, addr string) (net.Conn, error) {
+				c, err := net.DialTimeout(network, addr, nodeTimeout)
+				if err != nil {
+					return nil, err
+				}
+				// Bounds the TLS and AMQP handshakes, which a hung node
+				// never answers; amqp091-go clears it once connected.
+				if err := c.SetDeadline(time.Now().Add(nodeTimeout)); err != nil {
+					_ = c.Close()
+					return nil, err
+				}
+				return c, nil
+			},
 		})
 		if err != nil {
 			var ue *neturl.Error

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	amqp "github.com/rabbitmq/amqp091-go"
+
 	"github.com/pushrelay/pushrelay/integration/stack"
 	"github.com/pushrelay/pushrelay/sidecar/shard"
 )
@@ -244,4 +246,65 @@ func TestBrokerPasswordNeverReachesTheLog(t *testing.T) {
 	if code != 503 || !strings.Contains(body, "percent-encode") {
 		t.Errorf("/readyz %d %q: want 503 saying how to fix the URL", code, body)
 	}
+}
+
+// Issue 10, found on review: an operator fixing a wrong push.url, one try
+// after another, on a quorum queue with delivery_limit. Each reload whose
+// publisher takes nothing used to end in a new AMQP session, and the
+// broker counted every message the old publisher held as delivered once
+// more: at the fix, past delivery_limit (1 here), the queue dead-lettered
+// them all. The new publisher takes them over instead: nothing goes back
+// to the broker, nothing is dead-lettered, and every message arrives once,
+// in order.
+func TestPublisherFixesReturnNothingToTheBroker(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		host := uniqueHost("it-fix-limit-" + string(m))
+		queue := "pushrelay." + host
+		ngx := startNginxModule(t, m)
+		b := newBroker(t, queue)
+		o := RelayOptions{Host: host, Exchange: b.Exchange, Publish: closedURL(t), Dialect: m.Dialect(),
+			AMQP: "queue_type = \"quorum\"\ndelivery_limit = 1"}
+		r := launchRelay(t, o)
+		waitFor(t, "the relay to consume", 20*time.Second, func() bool { return r.Metric("pushrelay_amqp_connected") == 1 })
+		b.Drain("pushrelay.dead")
+		chans := channels("fixlimit", 20)
+		subs := subscribeAll(t, ngx, chans, kindsOn(m)...)
+		const perChannel = 10
+		publishRounds(b, chans, perChannel)
+		waitFor(t, "every message held by the wrong publisher", 15*time.Second, func() bool {
+			return r.Metric("pushrelay_messages_in_flight") == perChannel*float64(len(chans))
+		})
+
+		for _, url := range []string{closedURL(t), ngx.PublishURL()} { // another wrong try, then the fix
+			o.Publish = url
+			r.WriteConfig(o)
+			r.Reload()
+			// Each reload on its own: it waits for the held messages
+			// (shutdown_timeout), then the new publisher takes them.
+			waitFor(t, "the reload pending", 10*time.Second, func() bool {
+				return r.Metric("pushrelay_config_applied") == 0
+			})
+			waitFor(t, "the new publisher applied", 30*time.Second, func() bool {
+				return r.Metric("pushrelay_config_applied") == 1
+			})
+		}
+		if dups := waitAll(t, subs, perChannel, 30*time.Second); dups != 0 {
+			t.Errorf("%d duplicates", dups)
+		}
+		dead := 0
+		for _, d := range b.Drain("pushrelay.dead") {
+			if deaths, _ := d.Headers["x-death"].([]any); len(deaths) > 0 {
+				if x, ok := deaths[0].(amqp.Table); ok && x["queue"] == queue {
+					dead++
+				}
+			}
+		}
+		redelivered, reconnects := r.Metric("pushrelay_messages_redelivered_total"), r.Metric("pushrelay_amqp_reconnects_total")
+		t.Logf("two [push] reloads with %d messages held: %d dead-lettered by the queue, %v redelivered, %v reconnects",
+			perChannel*len(chans), dead, redelivered, reconnects)
+		if dead != 0 || redelivered != 0 || reconnects != 0 {
+			t.Errorf("a [push] reload returned messages to the broker: %d dead-lettered (delivery_limit 1), %v redelivered, %v reconnects",
+				dead, redelivered, reconnects)
+		}
+	})
 }

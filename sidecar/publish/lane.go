@@ -59,6 +59,8 @@ type lane struct {
 	reachable bool // what this lane last told the pool's health
 	// done is the pool's stop signal: a lane never blocks on out after it.
 	done <-chan struct{}
+	// unread are the settlements made after done, for Handover.
+	unread []Settlement
 }
 
 // chanQueue is one channel's FIFO and its retry state.
@@ -436,12 +438,13 @@ func (l *lane) next(q *chanQueue) {
 	l.ready = append(l.ready, q)
 }
 
-// emit reports a settlement unless the pool is stopping, when nobody reads
-// them any more and the unacked message will be redelivered anyway.
+// emit reports a settlement; once the pool is stopping, when nobody may
+// read them any more, it keeps it for Handover.
 func (l *lane) emit(s Settlement) {
 	select {
 	case l.out <- s:
 	case <-l.done:
+		l.unread = append(l.unread, s)
 	}
 }
 

@@ -146,3 +146,26 @@ func (p *Pool) Stop() {
 	p.stop()
 	p.wg.Wait()
 }
+
+// Handover stops the pool and returns what it had not finished: the
+// settlements its lanes made while stopping, which nobody read, and the
+// jobs without an answer, oldest first per channel. The publisher that
+// replaces this one takes them over, so that a new [push] config hands
+// back nothing to the broker: each return would spend one of a quorum
+// queue's delivery_limit, and a publisher that is being fixed holds up to
+// a prefetch of messages.
+func (p *Pool) Handover() (settled []Settlement, unsent []Job) {
+	p.Stop()
+	for _, l := range p.lanes {
+		settled = append(settled, l.unread...)
+		// Every channel lives in one lane, where its FIFO is older than
+		// what is still in the lane's inbox.
+		for _, q := range l.queues {
+			unsent = append(unsent, q.jobs[q.head:]...)
+		}
+		for len(l.in) > 0 {
+			unsent = append(unsent, <-l.in)
+		}
+	}
+	return settled, unsent
+}

@@ -183,3 +183,59 @@ func BenchmarkPublish(b *testing.B) {
 		<-out
 	}
 }
+
+// A pool whose publisher never answers hands everything over: each job
+// once, oldest first per channel, and a new pool publishes them in order.
+func TestHandoverKeepsEveryJobInOrder(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.Close()                   // a wrong push.url: nothing listens
+	out := make(chan Settlement) // nothing answers, so nothing settles
+	old := newTestPool(t, "http://"+ln.Addr().String()+"/pub?id={channel}", out)
+	const channels, perChannel = 7, 30
+	for i := 0; i < perChannel; i++ {
+		for c := 0; c < channels; c++ {
+			old.Submit(Job{Gen: 1, Tag: uint64(i*channels + c + 1), Msg: message.Message{Channel: fmt.Sprintf("ch%d", c), Body: []byte(strconv.Itoa(i))}})
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // some in FIFOs, retried; some perhaps in inboxes
+	settled, unsent := old.Handover()
+	if len(settled)+len(unsent) != channels*perChannel {
+		t.Fatalf("handed over %d settlements and %d jobs, want %d in all", len(settled), len(unsent), channels*perChannel)
+	}
+	next := map[string]int{}
+	for _, j := range unsent {
+		if want := strconv.Itoa(next[j.Msg.Channel]); string(j.Msg.Body) != want {
+			t.Fatalf("%s: job %s handed over where %s was due", j.Msg.Channel, j.Msg.Body, want)
+		}
+		next[j.Msg.Channel]++
+	}
+
+	f, url := startFake(t, func(string, string) int { return 200 })
+	out2 := make(chan Settlement, channels*perChannel)
+	p := newTestPool(t, url, out2)
+	for _, j := range unsent {
+		p.Submit(j)
+	}
+	for range unsent {
+		select {
+		case s := <-out2:
+			if s.Outcome != Accepted {
+				t.Fatalf("unexpected settlement %+v", s)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the new pool did not publish what it took over")
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for c := 0; c < channels; c++ {
+		for i, b := range f.got[fmt.Sprintf("ch%d", c)] {
+			if b != strconv.Itoa(i) {
+				t.Fatalf("ch%d: message %d is %q: out of order", c, i, b)
+			}
+		}
+	}
+}

@@ -115,8 +115,8 @@ type Relay struct {
 	pubState  publish.State
 	// pending is the work a reload left to do once nothing is in flight
 	// (a publisher rebuild, a reconnect). It outlives a session: a drop
-	// before it ran must not lose it.
-	pending func(abandoned bool) error
+	// before it ran must not lose it; it is then run with a nil session.
+	pending func(s *session) error
 	node    string // the broker node the session is on, redacted, for the log
 }
 
@@ -496,11 +496,11 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 		stopTimer    <-chan time.Time
 		done         = ctx.Done()
 	)
-	runAction := func(abandoned bool) error {
+	runAction := func() error {
 		if err := r.flushAcks(s, false); err != nil {
 			return err
 		}
-		err := r.pending(abandoned)
+		err := r.pending(s)
 		r.pending, quiesceTimer = nil, nil
 		deliveries = sess.Deliveries
 		return err
@@ -514,7 +514,7 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 				r.log.Info("stopped: every in-flight message published and acked")
 				return nil
 			}
-			if err := runAction(false); err != nil {
+			if err := runAction(); err != nil {
 				return err
 			}
 		}
@@ -557,9 +557,9 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 				return err // the pending work outlives the session
 			}
 		case <-quiesceTimer:
-			r.log.Warn("config change applied with messages still in flight; they will be delivered again",
+			r.log.Warn("config change applied with messages still in flight; the new publisher takes them over",
 				"in_flight", r.inFlight.Load(), "waited", r.cfg.ShutdownTimeout.D())
-			if err := runAction(true); err != nil {
+			if err := runAction(); err != nil {
 				return err
 			}
 		case e := <-sess.Closed:
@@ -609,13 +609,13 @@ func (r *Relay) quorum(sess *consume.Session) bool {
 
 // chain runs the actions of two reloads in order, so that the second never
 // cancels the first one's work. A reconnect either asks for comes last.
-func chain(first, second func(abandoned bool) error) func(abandoned bool) error {
-	return func(abandoned bool) error {
-		err := first(abandoned)
+func chain(first, second func(s *session) error) func(s *session) error {
+	return func(s *session) error {
+		err := first(s)
 		if err != nil && !errors.Is(err, errReconnect) {
 			return err
 		}
-		if err2 := second(abandoned); err2 != nil {
+		if err2 := second(s); err2 != nil {
 			return err2
 		}
 		return err
@@ -829,7 +829,7 @@ func (r *Relay) setUnapplied(why string) {
 
 // runPending runs a reload's pending work while disconnected.
 func (r *Relay) runPending() {
-	err := r.pending(true)
+	err := r.pending(nil)
 	r.pending = nil
 	if err != nil && !errors.Is(err, errReconnect) { // about to connect anyway
 		r.log.Warn("applying config while disconnected", "err", err)

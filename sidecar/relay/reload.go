@@ -22,11 +22,10 @@ import (
 // connection dropped mid-reload) ends the session, and the pending work
 // and the hooks must not be lost with it.
 //
-// The pending work is told whether messages were still in flight
-// (abandoned): a wrong publisher URL keeps them in flight for ever, and the
-// reload that fixes it must not wait for them. Their tags are then never
-// acked, so it asks for a new AMQP session, and the broker delivers them
-// again to the new publisher.
+// The pending work may run with messages still in flight: a wrong
+// publisher URL keeps them in flight for ever, and the reload that fixes it
+// must not wait for them. The new publisher takes them over from the old
+// one (rebuildPool), on the same session.
 func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 	prev := r.cfg
 	r.cfg = next
@@ -49,13 +48,13 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 		} else {
 			r.setUnapplied("the new publisher waits for in-flight messages (at most shutdown_timeout)")
 		}
-		work := func(abandoned bool) error {
+		work := func(s *session) error {
 			if poolChanged {
-				if err := r.rebuildPool(); err != nil {
+				if err := r.rebuildPool(s); err != nil {
 					return err
 				}
 			}
-			if sessionChanged || abandoned {
+			if sessionChanged || s == nil {
 				return errReconnect // applied when the next session opens
 			}
 			r.setUnapplied("")
@@ -79,12 +78,27 @@ func (r *Relay) urlChanged(next config.Config) bool {
 }
 
 // rebuildPool starts a publisher for the current config, then stops the
-// old one. Jobs the old pool still held are dropped: their settlements
-// never come, so the in-flight count starts again from zero.
-func (r *Relay) rebuildPool() error {
+// old one. On a live session the new publisher takes over what the old one
+// had not finished, in order per channel, and the loop settles what it
+// had (so a [push] fix returns nothing to the broker). Without a session
+// (s nil) the old pool's jobs are dropped: their tags died with the
+// channel, and the broker delivers them again.
+func (r *Relay) rebuildPool(s *session) error {
 	old := r.pool.Load()
 	if err := r.startPool(); err != nil {
 		return err // the old pool keeps running
+	}
+	if s != nil {
+		settled, unsent := old.Handover()
+		for _, j := range unsent {
+			r.pool.Load().Submit(j)
+		}
+		for i := range settled {
+			if err := r.handleSettlement(s, &settled[i]); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	old.Stop()
 	for { // what the old pool settled but the loop has not read

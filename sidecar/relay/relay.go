@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -92,6 +93,9 @@ type Relay struct {
 	// dialled is the broker URL the last connect used: amqp.url_file or
 	// the environment may say something else by now (a new password).
 	dialled atomic.Pointer[string]
+	// nodesFailing counts the configured broker nodes the last check
+	// could not open a connection to.
+	nodesFailing atomic.Int64
 	// queueMismatch: the live host queue's arguments differ from the config.
 	queueMismatch  atomic.Bool
 	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
@@ -118,6 +122,9 @@ type Relay struct {
 	// before it ran must not lose it; it is then run with a nil session.
 	pending func(s *session) error
 	node    string // the broker node the session is on, redacted, for the log
+	// sessionURL is the URL the session dialled: a reload that keeps it in
+	// the node list needs no new session.
+	sessionURL string
 }
 
 // New prepares a relay for cfg, which must be valid. level is the logger's
@@ -245,19 +252,16 @@ func (r *Relay) checkReload(prev, next config.Config) error {
 		return err
 	}
 	if strings.Join(nextURLs, "\n") != prevList {
-		ctx, cancel := context.WithTimeout(context.Background(), amqpTimeout)
-		defer cancel()
+		failed := tryNodes(context.Background(), nextURLs)
 		var errs []error
-		for _, u := range nextURLs { // one node that answers is enough
-			err := consume.Try(ctx, u, amqpTimeout)
-			if err == nil {
-				errs = nil
-				break
-			}
-			errs = append(errs, fmt.Errorf("%s: %w", config.Redact(u), err))
+		for node, err := range failed {
+			errs = append(errs, fmt.Errorf("%s: %w", node, err))
 		}
-		if err := errors.Join(errs...); err != nil {
-			return fmt.Errorf("no node of the new AMQP URLs answers, so the current ones stay: %w", err)
+		if len(failed) == len(nextURLs) {
+			return fmt.Errorf("no node of the new AMQP URLs answers, so the current ones stay: %w", errors.Join(errs...))
+		}
+		if len(errs) > 0 { // one node that answers is enough
+			r.log.Warn("some nodes of the new AMQP URLs fail; the relay uses the others", "err", errors.Join(errs...))
 		}
 	}
 	return nil
@@ -273,6 +277,13 @@ func (r *Relay) Run(ctx context.Context) error {
 		return err
 	}
 	defer func() { r.pool.Load().Stop() }()
+	var nodes sync.WaitGroup
+	defer nodes.Wait()
+	nodes.Add(1)
+	go func() {
+		defer nodes.Done()
+		r.watchNodes(ctx)
+	}()
 
 	for failures := 0; ; {
 		sess, err := r.open(ctx)
@@ -393,18 +404,22 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 		Consumer:      "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
 		QueueCheck:    queueCheck,
 	}
-	// Every node in turn, from a random one, so that five relays whose
-	// node died do not all stampede the same survivor.
-	first := rand.N(len(urls))
+	// Every node in a random order, so that five relays whose node died
+	// spread over the survivors; a rotation from a random start would send
+	// the dead node's successor twice its share.
 	order := make([]string, 0, len(urls)+len(fallback))
-	for i := range urls {
-		order = append(order, urls[(first+i)%len(urls)])
+	for _, i := range rand.Perm(len(urls)) {
+		order = append(order, urls[i])
 	}
 	var errs []error
 	for i, url := range append(order, fallback...) {
 		o.URL = url
 		sess, err := consume.Open(ctx, o, r.cfg.Shards.Count, func(s int) bool { return r.bound[s] })
 		if err == nil {
+			if len(errs) > 0 {
+				r.log.Warn("AMQP nodes failed before one answered", "err", errors.Join(errs...), "node", config.Redact(url))
+			}
+			r.sessionURL = url
 			if i >= len(order) {
 				r.log.Warn("the configured AMQP URLs fail; connected with the ones that worked before", "node", config.Redact(url))
 			} else {

@@ -3,6 +3,7 @@ package relay
 import (
 	"log/slog"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -38,7 +39,7 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 		return err
 	}
 
-	sessionChanged := !reflect.DeepEqual(prev.AMQP, next.AMQP) || prev.Host != next.Host ||
+	sessionChanged := !reflect.DeepEqual(withoutURLs(prev.AMQP), withoutURLs(next.AMQP)) || prev.Host != next.Host ||
 		prev.Shards.Count != next.Shards.Count || r.urlChanged(next)
 	poolChanged := prev.Push != next.Push || prev.AMQP.Prefetch != next.AMQP.Prefetch
 	r.log.Info("config reloaded", "shards_owned", len(owned), "rebuild_publisher", poolChanged, "new_session", sessionChanged)
@@ -68,13 +69,28 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 	return r.moveShards(sess, owned, next.Shards.Drain.D())
 }
 
-// urlChanged reports whether next resolves to another broker URL than the
+// urlChanged reports whether next's broker URLs no longer hold the one the
 // live session dialled: a new password in amqp.url_file changes nothing in
-// the config itself.
+// the config itself. A node added, removed or moved in the list needs no
+// new session while the session's own node stays; the list is then the
+// one that worked.
 func (r *Relay) urlChanged(next config.Config) bool {
-	d := r.dialled.Load()
 	urls, err := next.AMQPURLs()
-	return d != nil && err == nil && strings.Join(urls, "\n") != *d
+	if err != nil {
+		return false
+	}
+	if r.sessionURL == "" || !slices.Contains(urls, r.sessionURL) {
+		return true
+	}
+	joined := strings.Join(urls, "\n")
+	r.dialled.Store(&joined)
+	return false
+}
+
+// withoutURLs is a's settings but the broker URLs, which urlChanged judges.
+func withoutURLs(a config.AMQP) config.AMQP {
+	a.URL, a.URLs, a.URLFile = "", nil, ""
+	return a
 }
 
 // rebuildPool starts a publisher for the current config, then stops the

@@ -45,8 +45,12 @@ type Options struct {
 	DeadQueueType string
 	Prefetch      int
 	Heartbeat     time.Duration
-	Timeout       time.Duration // dial, handshake, channel open, each declare
-	Consumer      string        // consumer tag
+	// Timeout bounds the dial, the handshake and each channel open. A
+	// declare or bind is not bounded: while a cluster member hangs, the
+	// broker answers none until it declares the member down (net_ticktime),
+	// and another node would answer no sooner.
+	Timeout  time.Duration
+	Consumer string // consumer tag
 	// QueueCheck: how often to ask whether the queue still exists, for a
 	// broker that deletes it without a basic.cancel (watch.go); 0: never.
 	QueueCheck time.Duration

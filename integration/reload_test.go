@@ -308,3 +308,32 @@ func TestPublisherFixesReturnNothingToTheBroker(t *testing.T) {
 		}
 	})
 }
+
+// Found on review: after a [push] reload the new publisher started with a
+// clean record, so /readyz said 200 for a push.timeout or so while the
+// messages it took over waited on a publisher that answers nothing (here a
+// listener that accepts and stays silent, as a frozen Nginx does). It must
+// stay 503 until the publisher answers.
+func TestReadyzAfterAPushReloadWaitsForAnAnswer(t *testing.T) {
+	silent := startSilentListener(t)
+	b := newBroker(t)
+	host := uniqueHost("it-ready-handover")
+	o := RelayOptions{Host: host, Exchange: b.Exchange, Publish: "http://" + silent + "/pub?id={channel}", Dialect: "nchan"}
+	r := launchRelay(t, o)
+	waitFor(t, "the relay to consume", 20*time.Second, func() bool { return r.Metric("pushrelay_amqp_connected") == 1 })
+	b.MustPublish(seqMsgs(channels("readyhandover", 20), 1)...)
+	waitFor(t, "/readyz to say the publisher is unreachable", 20*time.Second, func() bool {
+		code, _ := readyz(t, r)
+		return code == 503
+	})
+	o.Connections = 3 // a [push] change: a new publisher takes the messages over
+	r.WriteConfig(o)
+	r.Reload()
+	waitFor(t, "the reload applied", 30*time.Second, func() bool { return r.Metric("pushrelay_config_applied") == 1 })
+	for deadline := time.Now().Add(4 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if code, body := readyz(t, r); code == 200 {
+			t.Fatalf("/readyz 200 %q with %v messages waiting on a publisher that answers nothing",
+				body, r.Metric("pushrelay_messages_in_flight"))
+		}
+	}
+}

@@ -120,6 +120,7 @@ func (l *lane) run(ctx context.Context) {
 		if err == nil {
 			l.failures = 0
 			l.setReachable(true)
+			l.pool.tested()
 			continue
 		}
 		l.failures++
@@ -441,6 +442,9 @@ func (l *lane) next(q *chanQueue) {
 // emit reports a settlement; once the pool is stopping, when nobody may
 // read them any more, it keeps it for Handover.
 func (l *lane) emit(s Settlement) {
+	if s.Job.adopted && l.pool.adoptedLeft.Add(-1) == 0 {
+		l.pool.tested() // e.g. settled Stale after a reconnect: nothing left to show
+	}
 	select {
 	case l.out <- s:
 	case <-l.done:

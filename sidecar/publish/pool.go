@@ -20,6 +20,8 @@ type Job struct {
 	Gen uint64
 	Tag uint64
 	Msg message.Message
+	// adopted: taken over from another pool (Adopt).
+	adopted bool
 }
 
 // Outcome is how a Job ended.
@@ -98,6 +100,10 @@ type Pool struct {
 	stop   context.CancelFunc
 	wg     sync.WaitGroup
 	health *health
+	// untested: jobs were adopted and the publisher has not answered
+	// yet; adoptedLeft counts those jobs not yet settled.
+	untested    atomic.Bool
+	adoptedLeft atomic.Int64
 }
 
 // NewPool starts the lanes; they run until Stop.
@@ -125,6 +131,31 @@ func (p *Pool) SetGen(gen uint64) { p.gen.Store(gen) }
 // Submit queues j on its channel's lane.
 func (p *Pool) Submit(j Job) {
 	p.lanes[shard.FNV1a32(j.Msg.Channel)%uint32(len(p.lanes))].in <- j
+}
+
+// Adopt submits the jobs another pool handed over (Handover). Until its
+// publisher first answers, this pool counts as unreachable: it has not yet
+// shown that it works, and /readyz must not say ready right after a
+// [push] reload while the old messages wait on a publisher that says
+// nothing. It stops counting so once the adopted jobs are all settled.
+func (p *Pool) Adopt(jobs []Job) {
+	if len(jobs) == 0 {
+		return
+	}
+	p.adoptedLeft.Store(int64(len(jobs)))
+	p.untested.Store(true)
+	p.health.unhealthy.Add(1)
+	for _, j := range jobs {
+		j.adopted = true
+		p.Submit(j)
+	}
+}
+
+// tested ends the untested spell Adopt began.
+func (p *Pool) tested() {
+	if p.untested.CompareAndSwap(true, false) {
+		p.health.unhealthy.Add(-1)
+	}
 }
 
 // Reachable reports whether every lane's last attempt got an HTTP answer.

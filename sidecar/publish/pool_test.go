@@ -216,8 +216,10 @@ func TestHandoverKeepsEveryJobInOrder(t *testing.T) {
 	f, url := startFake(t, func(string, string) int { return 200 })
 	out2 := make(chan Settlement, channels*perChannel)
 	p := newTestPool(t, url, out2)
-	for _, j := range unsent {
-		p.Submit(j)
+	p.Adopt(unsent)
+	// Not ready before the new publisher has said anything.
+	if p.Reachable() {
+		t.Error("a pool that adopted jobs counts as reachable before its publisher answered")
 	}
 	for range unsent {
 		select {
@@ -228,6 +230,9 @@ func TestHandoverKeepsEveryJobInOrder(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("the new pool did not publish what it took over")
 		}
+	}
+	if !p.Reachable() {
+		t.Error("a pool whose publisher took every adopted job counts as unreachable")
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()

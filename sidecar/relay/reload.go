@@ -106,9 +106,7 @@ func (r *Relay) rebuildPool(s *session) error {
 	}
 	if s != nil {
 		settled, unsent := old.Handover()
-		for _, j := range unsent {
-			r.pool.Load().Submit(j)
-		}
+		r.pool.Load().Adopt(unsent)
 		for i := range settled {
 			if err := r.handleSettlement(s, &settled[i]); err != nil {
 				return err

@@ -267,10 +267,11 @@ func (r *Relay) checkReload(prev, next config.Config) error {
 	return nil
 }
 
-// Run relays until ctx is cancelled, then stops gracefully: it cancels the
-// consumer, lets in-flight publishes finish for up to shutdown_timeout,
-// acks them and closes. What is unfinished stays unacked, and the broker
-// delivers it again.
+// Run relays until ctx is cancelled, then stops gracefully: it stops
+// taking deliveries (on a classic queue by cancelling the consumer; see
+// serve for why not on a quorum queue), lets in-flight publishes finish for
+// up to shutdown_timeout, acks them and closes. What is unfinished stays
+// unacked, and the broker delivers it again.
 func (r *Relay) Run(ctx context.Context) error {
 	r.settles = make(chan publish.Settlement, 4*r.cfg.AMQP.Prefetch)
 	if err := r.startPool(); err != nil {

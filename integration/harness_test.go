@@ -114,6 +114,7 @@ func startNginxWith(t testing.TB, o stack.NginxOptions) *Nginx {
 	if o.Dir == "" {
 		o.Dir = t.TempDir()
 	}
+	o.PublisherLog = true // nginxOutage reads it
 	n, err := stack.StartNginx(o)
 	if err != nil {
 		t.Fatal(err)

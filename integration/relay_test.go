@@ -3,8 +3,11 @@ package integration
 import (
 	"bytes"
 	"fmt"
+	"maps"
 	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +24,9 @@ type pipeline struct {
 	broker *Broker
 	relay  *RelayProc
 	host   string
+	// lostByNginx: channel → messages Nginx answered 2xx for while
+	// stopping, which its subscribers may never get (nginxOutage).
+	lostByNginx map[string]map[int]bool
 }
 
 func newPipeline(t *testing.T, m stack.Module, host string, o RelayOptions) *pipeline {
@@ -87,15 +93,22 @@ func publishRounds(b *Broker, chans []string, rounds int) {
 // then checks each for loss and order, and returns the duplicates seen.
 func waitAll(t *testing.T, subs []*Subscriber, want int, timeout time.Duration) (dups int) {
 	t.Helper()
+	return waitAllExcept(t, subs, want, timeout, nil)
+}
+
+// waitAllExcept is waitAll with, per channel, messages allowed to be
+// missing (Subscriber.CheckExcept).
+func waitAllExcept(t *testing.T, subs []*Subscriber, want int, timeout time.Duration, excused map[string]map[int]bool) (dups int) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for _, s := range subs {
 		for {
-			if _, err := s.Check(want); err == nil || time.Now().After(deadline) {
+			if _, err := s.CheckExcept(want, excused[s.Channel]); err == nil || time.Now().After(deadline) {
 				break
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		d, err := s.Check(want)
+		d, err := s.CheckExcept(want, excused[s.Channel])
 		if err != nil {
 			t.Error(err)
 		}
@@ -304,7 +317,7 @@ func faultTestOn(t *testing.T, m stack.Module, host string, load streamLoad, fau
 	if err := wait(); err != nil {
 		t.Fatal(err)
 	}
-	dups := waitAll(t, subs, perChannel, 60*time.Second)
+	dups := waitAllExcept(t, subs, perChannel, 60*time.Second, p.lostByNginx)
 	r := faultResult{dups: dups, resent: p.broker.Resent, redelivered: p.relay.Metric("pushrelay_messages_redelivered_total")}
 	t.Logf("%s on %s: %d duplicates delivered, %d messages re-sent by the producer, %v redelivered by RabbitMQ",
 		host, m, r.dups, r.resent, r.redelivered)
@@ -349,15 +362,47 @@ func TestNginxOutageLosesNothing(t *testing.T) {
 	})
 }
 
+// nginxOutage stops Nginx gracefully and starts it 5 s later. A worker
+// told to quit may still accept a new publisher connection and answer 2xx
+// (Nchan: 201, "delivered") just before it exits, and its subscribers never
+// get the message (seen about 1 run in 8; README, "Stopping Nginx"). The
+// relay rightly acks such a message: those the publisher log shows answered
+// 2xx after the QUIT are excused (p.lostByNginx). Any other gap fails.
 func nginxOutage(t *testing.T, p *pipeline) {
 	quitAt := time.Now()
 	p.nginx.Quit()
 	t.Logf("nginx quit gracefully in %v", time.Since(quitAt).Round(time.Millisecond))
+	p.lostByNginx = answeredSince(p.nginx.PublisherLog(), quitAt)
+	for ch, seqs := range p.lostByNginx {
+		t.Logf("%s: Nginx answered 2xx for %v after the QUIT: they may never reach its subscribers", ch, slices.Sorted(maps.Keys(seqs)))
+	}
 	waitFor(t, "readyz to report the publisher down", 5*time.Second, func() bool {
 		return p.relay.Metric("pushrelay_publisher_reachable") == 0
 	})
 	time.Sleep(5 * time.Second)
 	p.nginx.Start()
+}
+
+// answeredSince reads a publisher access log (stack.Nginx.PublisherLog)
+// and returns, per channel, the messages answered 2xx at or after since.
+func answeredSince(log string, since time.Time) map[string]map[int]bool {
+	out := map[string]map[int]bool{}
+	for _, line := range strings.Split(log, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || !strings.HasPrefix(f[1], "2") {
+			continue
+		}
+		at, err := strconv.ParseFloat(f[0], 64)
+		seq, err2 := strconv.Atoi(f[3])
+		if err != nil || err2 != nil || at < float64(since.UnixMicro())/1e6 {
+			continue
+		}
+		if out[f[2]] == nil {
+			out[f[2]] = map[int]bool{}
+		}
+		out[f[2]][seq] = true
+	}
+	return out
 }
 
 // Issue 2, test 4: the relay is SIGKILLed mid-stream and restarted.
@@ -393,4 +438,22 @@ func TestBrokerClosesConnections(t *testing.T) {
 				p.relay.Metric("pushrelay_amqp_connected") == 1
 		})
 	})
+}
+
+// The excuse nginxOutage makes covers the messages the publisher log shows
+// answered 2xx after the QUIT, and no other gap.
+func TestLostByNginxExcusesOnlyWhatItAnswered(t *testing.T) {
+	quit := time.Unix(1796232253, 634_000_000)
+	log := "1796232253.568 201 c:1 2\n1796232253.637 201 c:1 3\n1796232253.640 503 c:1 4\n1796232258.691 202 c:1 4\n"
+	lost := answeredSince(log, quit)
+	if want := map[string]map[int]bool{"c:1": {3: true, 4: true}}; !maps.EqualFunc(lost, want, maps.Equal) {
+		t.Fatalf("answeredSince = %v, want %v", lost, want)
+	}
+	s := &Subscriber{Kind: EventSource, Channel: "c:1", got: []int{0, 1, 2, 4, 5}}
+	if _, err := s.CheckExcept(5, lost["c:1"]); err != nil {
+		t.Errorf("3 excused, yet: %v", err)
+	}
+	if _, err := s.CheckExcept(5, map[int]bool{1: true}); err == nil {
+		t.Error("3 missing and not excused, yet no error")
+	}
 }

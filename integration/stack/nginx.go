@@ -7,6 +7,7 @@
 package stack
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -115,6 +116,11 @@ type NginxOptions struct {
 	// in place of the snippet's fixed one, so that instances can run side
 	// by side. Default: one free loopback port.
 	Publisher []string
+	// PublisherLog turns on the publisher server's access log (the shipped
+	// snippet has it off), for tests that must know which instance
+	// answered a publish, and when: Nginx.PublisherLog. Benchmarks leave it
+	// off, as production does.
+	PublisherLog bool
 	// CgroupFD, if positive, starts the master in that cgroup v2 directory
 	// (CLONE_INTO_CGROUP), so its workers are born there too.
 	CgroupFD int
@@ -170,7 +176,7 @@ func StartNginx(o NginxOptions) (*Nginx, error) {
 			}
 			o.Publisher = []string{fmt.Sprintf("127.0.0.1:%d", port)}
 		}
-		local, err := publisherSnippet(o.Module, o.Dir, o.Publisher)
+		local, err := publisherSnippet(o.Module, o.Dir, o.Publisher, o.PublisherLog)
 		if err != nil {
 			return nil, err
 		}
@@ -315,7 +321,7 @@ func (n *Nginx) publisherClient() *http.Client {
 // dir with the publisher server's listen line replaced by addrs, and
 // returns its path. The snippet must have exactly one listen line: it is
 // the publisher server's, and if that changes this must too.
-func publisherSnippet(m Module, dir string, addrs []string) (string, error) {
+func publisherSnippet(m Module, dir string, addrs []string, accessLog bool) (string, error) {
 	b, err := os.ReadFile(m.snippet("-http"))
 	if err != nil {
 		return "", err
@@ -331,8 +337,29 @@ func publisherSnippet(m Module, dir string, addrs []string) (string, error) {
 		fmt.Fprintf(&listen, "    listen %s;", a)
 	}
 	out := listenRE.ReplaceAllLiteral(b, []byte(listen.String()))
+	// The publisher server's access log, which the shipped snippet turns
+	// off: a test can then tell which instance answered a publish, and
+	// when (PublisherLog).
+	if accessLog {
+		if n := bytes.Count(out, []byte("access_log off;")); n != 1 {
+			return "", fmt.Errorf("%s: %d access_log lines, want the publisher server's one", m.snippet("-http"), n)
+		}
+		out = bytes.Replace(out, []byte("access_log off;"),
+			[]byte("access_log "+filepath.Join(dir, publisherLog)+" pushrelay_test;"), 1)
+		out = append([]byte("log_format pushrelay_test '$msec $status $arg_id $request_body';\n"), out...)
+	}
 	path := filepath.Join(dir, filepath.Base(m.snippet("-http")))
 	return path, os.WriteFile(path, out, 0o644)
+}
+
+// publisherLog is the publisher server's access log, in the prefix.
+const publisherLog = "publisher-access.log"
+
+// PublisherLog returns the publisher server's access log so far: one line
+// per publish, "<unix time> <status> <channel> <body>".
+func (n *Nginx) PublisherLog() string {
+	b, _ := os.ReadFile(filepath.Join(n.Prefix, publisherLog))
+	return string(b)
 }
 
 var listenRE = regexp.MustCompile(`(?m)^[ \t]*listen[ \t]+[^;\n]*;`)

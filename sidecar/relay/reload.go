@@ -39,8 +39,12 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 		return err
 	}
 
+	urlChanged := r.urlChanged(next)
+	if !urlChanged {
+		r.keepURLs(next) // the list may differ, yet holds the session's node
+	}
 	sessionChanged := !reflect.DeepEqual(withoutURLs(prev.AMQP), withoutURLs(next.AMQP)) || prev.Host != next.Host ||
-		prev.Shards.Count != next.Shards.Count || r.urlChanged(next)
+		prev.Shards.Count != next.Shards.Count || urlChanged
 	poolChanged := prev.Push != next.Push || prev.AMQP.Prefetch != next.AMQP.Prefetch
 	r.log.Info("config reloaded", "shards_owned", len(owned), "rebuild_publisher", poolChanged, "new_session", sessionChanged)
 	if sessionChanged || poolChanged {
@@ -72,19 +76,19 @@ func (r *Relay) apply(sess *consume.Session, next config.Config) error {
 // urlChanged reports whether next's broker URLs no longer hold the one the
 // live session dialled: a new password in amqp.url_file changes nothing in
 // the config itself. A node added, removed or moved in the list needs no
-// new session while the session's own node stays; the list is then the
-// one that worked.
+// new session while the session's own node stays.
 func (r *Relay) urlChanged(next config.Config) bool {
 	urls, err := next.AMQPURLs()
-	if err != nil {
-		return false
+	return err == nil && (r.sessionURL == "" || !slices.Contains(urls, r.sessionURL))
+}
+
+// keepURLs records next's list as the one that works, for a list change
+// that keeps the session: the next reload and the fallback compare with it.
+func (r *Relay) keepURLs(next config.Config) {
+	if urls, err := next.AMQPURLs(); err == nil {
+		joined := strings.Join(urls, "\n")
+		r.dialled.Store(&joined)
 	}
-	if r.sessionURL == "" || !slices.Contains(urls, r.sessionURL) {
-		return true
-	}
-	joined := strings.Join(urls, "\n")
-	r.dialled.Store(&joined)
-	return false
 }
 
 // withoutURLs is a's settings but the broker URLs, which urlChanged judges.

@@ -47,6 +47,9 @@ type Message struct {
 	ContentType string
 	Body        []byte
 	PublishedAt int64 // Unix microseconds; 0 when the producer did not say
+	// Redelivered: the broker delivered it before, perhaps to a session
+	// that published it and lost the ack (publish.Seen).
+	Redelivered bool
 	// Headers and the properties below are the delivery's own, kept for a
 	// dead-letter copy, which must carry everything the producer sent.
 	Headers         amqp.Table

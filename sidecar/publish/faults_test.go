@@ -231,7 +231,6 @@ func TestRetryableAnswerOnOpenConnectionKeepsOrder(t *testing.T) {
 	}
 	p := NewPool(Options{Target: tg, Lanes: 2, Pipeline: 16, Timeout: time.Second, RetryMax: 50 * time.Millisecond,
 		RetryBudget: time.Minute, QueueLen: 4096}, out, Metrics{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	p.SetGen(1)
 	t.Cleanup(p.Stop)
 	const channels, per = 10, 50
 	for i := 0; i < per; i++ {
@@ -389,7 +388,6 @@ func TestStopPublishesNothingMore(t *testing.T) {
 	}
 	p := NewPool(Options{Target: tg, Lanes: 1, Pipeline: 4, Timeout: time.Second, RetryMax: time.Millisecond,
 		RetryBudget: time.Hour, QueueLen: 1024}, out, Metrics{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	p.SetGen(1)
 	for i := 0; i < 500; i++ {
 		submit(p, uint64(i+1), "ch"+strconv.Itoa(i%50), "x")
 	}

@@ -31,7 +31,6 @@ func FuzzAnswers(f *testing.F) {
 		out := make(chan Settlement, n)
 		p := &Pool{opts: Options{Target: Target{Dialect: dialect, Network: "tcp", host: "x", prefix: "/pub?id="},
 			Pipeline: n, Timeout: 200 * time.Millisecond, RetryMax: time.Millisecond, RetryBudget: time.Hour}, health: newHealth()}
-		p.gen.Store(1)
 		l := newLane(0, p, out, Metrics{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 		l.done = make(chan struct{})
 

@@ -106,9 +106,10 @@ func (l *lane) run(ctx context.Context) {
 	l.done = ctx.Done()
 	var timer *time.Timer
 	for {
-		// A stopped pool's jobs are the caller's to redeliver: publishing
-		// them now would only make duplicates, and run past the stop's
-		// deadline while a backlog drains.
+		// A stopped pool's jobs are the caller's to hand over or to
+		// leave to the broker: publishing them now would only make
+		// duplicates, and run past the stop's deadline while a backlog
+		// drains.
 		if ctx.Err() != nil || !l.take(ctx, &timer) {
 			return
 		}
@@ -225,7 +226,6 @@ func (l *lane) promote(now time.Time) {
 // fillBatch takes up to Pipeline ready channels, one request each. It
 // reports whether there is anything to send.
 func (l *lane) fillBatch() bool {
-	gen := l.pool.gen.Load()
 	var tooOld int64 // published_at (µs) before which a message is expired
 	if l.pool.opts.MaxAge > 0 {
 		tooOld = time.Now().Add(-l.pool.opts.MaxAge).UnixMicro()
@@ -235,7 +235,7 @@ func (l *lane) fillBatch() bool {
 	for n < len(l.ready) && len(l.batch) < l.pool.opts.Pipeline {
 		q := l.ready[n]
 		n++
-		if l.skipUnsendable(q, gen, tooOld) {
+		if l.skipUnsendable(q, tooOld) {
 			l.batch = append(l.batch, q)
 		} else {
 			l.release(q)
@@ -245,15 +245,20 @@ func (l *lane) fillBatch() bool {
 	return len(l.batch) > 0
 }
 
-// skipUnsendable settles the heads of q that must not be published: jobs
-// of a gone AMQP channel, and messages older than max_age. It reports
-// whether a head is left to send.
-func (l *lane) skipUnsendable(q *chanQueue, gen uint64, tooOld int64) bool {
+// skipUnsendable settles the heads of q that must not be published:
+// redelivered copies of what Nginx took already, and messages older than
+// max_age. It reports whether a head is left to send.
+//
+// The copy of a message the lane still holds from a lost session waits
+// behind it in the channel's FIFO, so it is checked only once that one has
+// been answered: the guard cannot miss it.
+func (l *lane) skipUnsendable(q *chanQueue, tooOld int64) bool {
+	seen := l.pool.opts.Seen
 	for !q.empty() {
 		j := &q.jobs[q.head]
 		switch {
-		case j.Gen != gen:
-			l.emit(Settlement{Job: *j, Outcome: Stale})
+		case j.Msg.Redelivered && seen != nil && seen.Has(&j.Msg):
+			l.emit(Settlement{Job: *j, Outcome: Accepted, Duplicate: true})
 		case j.Msg.PublishedAt > 0 && j.Msg.PublishedAt < tooOld:
 			l.emit(Settlement{Job: *j, Outcome: Refused, Reason: ReasonExpired})
 		default:
@@ -413,6 +418,9 @@ func (l *lane) accepted(q *chanQueue, now, start time.Time) {
 		}
 	}
 	l.pool.health.succeeded(q.channel, now)
+	if seen := l.pool.opts.Seen; seen != nil {
+		seen.Add(&j.Msg)
+	}
 	l.emit(Settlement{Job: *j, Outcome: Accepted})
 	q.attempts, q.since = 0, time.Time{}
 	l.next(q)
@@ -443,7 +451,7 @@ func (l *lane) next(q *chanQueue) {
 // read them any more, it keeps it for Handover.
 func (l *lane) emit(s Settlement) {
 	if s.Job.adopted && l.pool.adoptedLeft.Add(-1) == 0 {
-		l.pool.tested() // e.g. settled Stale after a reconnect: nothing left to show
+		l.pool.tested() // e.g. expired: nothing left to show
 	}
 	select {
 	case l.out <- s:

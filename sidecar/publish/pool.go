@@ -15,7 +15,9 @@ import (
 
 // Job is one delivery to publish. Gen and Tag identify it to the acker: tags
 // restart on every AMQP channel, so a settlement whose Gen is not the
-// current one is ignored.
+// current one is ignored. A job outlives its session: what the relay holds
+// is valid and is published in order, and the broker's redelivered copy
+// is then skipped (Seen).
 type Job struct {
 	Gen uint64
 	Tag uint64
@@ -33,9 +35,6 @@ const (
 	// Refused: the message itself cannot be published (Settlement.Reason
 	// says why). Dead-letter it.
 	Refused
-	// Stale: the job belongs to an AMQP channel that is gone; the broker
-	// has requeued it already, so it was not published.
-	Stale
 )
 
 // Reasons a lane gives up on a message, beside "nginx_<status>" for a
@@ -59,6 +58,9 @@ type Settlement struct {
 	Outcome Outcome
 	Status  int    // the last HTTP status, for Refused (0 for expired)
 	Reason  string // for Refused: nginx_413, nginx_5xx_budget, expired, ...
+	// Duplicate: Accepted without a publish, because Nginx took this
+	// redelivered message before (Seen).
+	Duplicate bool
 }
 
 // Options configure a Pool.
@@ -75,6 +77,9 @@ type Options struct {
 	// older, instead of pushing it to browsers as new.
 	MaxAge   time.Duration
 	QueueLen int // jobs buffered per lane; ≥ prefetch so Submit never blocks
+	// Seen, if set, records every message Nginx takes, and a redelivered
+	// message found there is settled Accepted without a publish.
+	Seen *Seen
 }
 
 // refusalGrace is how long a 4xx that looks like the message's fault is
@@ -96,7 +101,6 @@ type Metrics struct {
 type Pool struct {
 	opts   Options
 	lanes  []*lane
-	gen    atomic.Uint64
 	stop   context.CancelFunc
 	wg     sync.WaitGroup
 	health *health
@@ -123,10 +127,6 @@ func NewPool(opts Options, out chan<- Settlement, m Metrics, log *slog.Logger) *
 	}
 	return p
 }
-
-// SetGen declares the current AMQP channel generation; jobs of older ones
-// still queued in lanes are settled Stale rather than published.
-func (p *Pool) SetGen(gen uint64) { p.gen.Store(gen) }
 
 // Submit queues j on its channel's lane.
 func (p *Pool) Submit(j Job) {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -79,7 +80,6 @@ func newPoolWith(t testing.TB, url string, out chan Settlement, o Options, m Met
 	o.RetryBudget = cmp.Or(o.RetryBudget, time.Minute)
 	o.QueueLen = cmp.Or(o.QueueLen, 4096)
 	p := NewPool(o, out, m, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	p.SetGen(1)
 	t.Cleanup(p.Stop)
 	return p
 }
@@ -144,8 +144,9 @@ func TestPoolRefusesPoisonAndGoesOn(t *testing.T) {
 	for i, body := range []string{"a", "bad", "b"} {
 		p.Submit(Job{Gen: 1, Tag: uint64(i + 1), Msg: message.Message{Channel: "c", Body: []byte(body)}})
 	}
+	// A job of a lost session is valid: it is published all the same.
 	p.Submit(Job{Gen: 0, Tag: 9, Msg: message.Message{Channel: "c", Body: []byte("old")}})
-	want := map[uint64]Outcome{1: Accepted, 2: Refused, 3: Accepted, 9: Stale}
+	want := map[uint64]Outcome{1: Accepted, 2: Refused, 3: Accepted, 9: Accepted}
 	for range want {
 		s := <-out
 		if want[s.Job.Tag] != s.Outcome {
@@ -242,5 +243,61 @@ func TestHandoverKeepsEveryJobInOrder(t *testing.T) {
 				t.Fatalf("ch%d: message %d is %q: out of order", c, i, b)
 			}
 		}
+	}
+}
+
+// After a lost AMQP session the broker delivers its unacked messages
+// again. A copy of one that Nginx took is settled without a publish; a
+// copy of one it never took is published; a message the pool still holds
+// from the lost session is published once, and its copy, queued behind
+// it, is skipped.
+func TestPoolSkipsRedeliveredCopiesOfWhatNginxTook(t *testing.T) {
+	var mu sync.Mutex
+	hold := true // the first publish of "held" fails until released
+	f, url := startFake(t, func(ch, body string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		if body == "held" && hold {
+			return 503
+		}
+		return 200
+	})
+	out := make(chan Settlement, 64)
+	seen := NewSeen(64)
+	p := newPoolWith(t, url, out, Options{Seen: seen}, Metrics{})
+	msg := func(id, body string, redelivered bool) message.Message {
+		return message.Message{Channel: "c", ID: id, Body: []byte(body), Redelivered: redelivered}
+	}
+	p.Submit(Job{Gen: 1, Tag: 1, Msg: msg("m1", "taken", false)})
+	if s := <-out; s.Outcome != Accepted || s.Duplicate {
+		t.Fatalf("first publish: %+v", s)
+	}
+	p.Submit(Job{Gen: 1, Tag: 2, Msg: msg("m2", "held", false)}) // retried: 503
+	// The session is lost; the new one gets both again, flagged.
+	p.Submit(Job{Gen: 2, Tag: 1, Msg: msg("m1", "taken", true)})
+	p.Submit(Job{Gen: 2, Tag: 2, Msg: msg("m2", "held", true)})
+	p.Submit(Job{Gen: 2, Tag: 3, Msg: msg("m3", "never taken", true)})
+	time.Sleep(100 * time.Millisecond)
+	mu.Lock()
+	hold = false
+	mu.Unlock()
+	got := map[[2]uint64]Settlement{}
+	for range 4 {
+		select {
+		case s := <-out:
+			got[[2]uint64{s.Job.Gen, s.Job.Tag}] = s
+		case <-time.After(5 * time.Second):
+			t.Fatalf("settled only %v", got)
+		}
+	}
+	for key, dup := range map[[2]uint64]bool{{1, 2}: false, {2, 1}: true, {2, 2}: true, {2, 3}: false} {
+		if s, ok := got[key]; !ok || s.Outcome != Accepted || s.Duplicate != dup {
+			t.Errorf("gen %d tag %d: %+v, want Accepted with Duplicate %v", key[0], key[1], s, dup)
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if want := []string{"taken", "held", "never taken"}; !slices.Equal(f.got["c"], want) {
+		t.Errorf("Nginx got %q, want %q", f.got["c"], want)
 	}
 }

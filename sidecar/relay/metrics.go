@@ -23,6 +23,7 @@ var (
 type relayMetrics struct {
 	received      *metrics.Counter
 	redelivered   *metrics.Counter
+	duplicates    *metrics.Counter
 	dead          map[string]*metrics.Counter // by reason
 	reconnects    *metrics.Counter
 	reloadsOK     *metrics.Counter
@@ -34,8 +35,10 @@ type relayMetrics struct {
 // the given functions, which must be safe to call from the /metrics handler.
 func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 	m := relayMetrics{
-		received:      reg.Counter("pushrelay_messages_received_total", "Deliveries consumed from the host's queue, including redeliveries."),
-		redelivered:   reg.Counter("pushrelay_messages_redelivered_total", "Deliveries flagged redelivered by RabbitMQ: possible duplicates after a reconnect or restart."),
+		received:    reg.Counter("pushrelay_messages_received_total", "Deliveries consumed from the host's queue, including redeliveries."),
+		redelivered: reg.Counter("pushrelay_messages_redelivered_total", "Deliveries flagged redelivered by RabbitMQ: possible duplicates after a reconnect or restart."),
+		duplicates: reg.Counter("pushrelay_messages_duplicates_skipped_total",
+			"Redelivered messages acked without a publish, because Nginx took them before the session that held them was lost."),
 		reconnects:    reg.Counter("pushrelay_amqp_reconnects_total", "AMQP sessions opened after the first."),
 		reloadsOK:     reg.Counter(`pushrelay_config_reloads_total{result="success"}`, "Config reloads by result."),
 		reloadsFailed: reg.Counter(`pushrelay_config_reloads_total{result="failure"}`, "Config reloads by result."),

@@ -107,6 +107,10 @@ type Relay struct {
 	lastReloadAt   atomic.Int64
 	accepted       atomic.Pointer[config.Config] // the last valid config: the desired state
 	pool           atomic.Pointer[publish.Pool]
+	// seen remembers what Nginx took, across sessions and publishers; it
+	// is sized for seenPrefetch.
+	seen         *publish.Seen
+	seenPrefetch int
 
 	// Owned by the Run goroutine.
 	cfg       config.Config
@@ -389,7 +393,6 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 		}
 	}
 	r.gen++
-	r.pool.Load().SetGen(r.gen)
 	a := r.cfg.AMQP
 	o := consume.Options{
 		Exchange:   a.Exchange,
@@ -466,6 +469,15 @@ func queueArgs(a config.AMQP) amqp.Table {
 	return args
 }
 
+// seenFor returns the memory of what Nginx took, made anew only when the
+// prefetch, which bounds what can come back, has grown.
+func (r *Relay) seenFor(prefetch int) *publish.Seen {
+	if r.seen == nil || prefetch > r.seenPrefetch {
+		r.seen, r.seenPrefetch = publish.NewSeen(prefetch), prefetch
+	}
+	return r.seen
+}
+
 func (r *Relay) startPool() error {
 	p := r.cfg.Push
 	dialect, err := publish.ParseDialect(p.Dialect)
@@ -485,8 +497,8 @@ func (r *Relay) startPool() error {
 		RetryBudget: p.RetryBudget.D(),
 		MaxAge:      p.MaxAge.D(),
 		QueueLen:    r.cfg.AMQP.Prefetch,
+		Seen:        r.seenFor(r.cfg.AMQP.Prefetch),
 	}, r.settles, r.m.publish, r.log))
-	r.pool.Load().SetGen(r.gen)
 	return nil
 }
 
@@ -705,6 +717,7 @@ func (r *Relay) handleDelivery(s *session, d *amqp.Delivery) error {
 		// quiet host that would look like a misconfigured publisher.
 		reason = message.EmptyBody
 	}
+	msg.Redelivered = d.Redelivered
 	if reason != message.OK {
 		p := amqp.Publishing{
 			Headers: d.Headers, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,
@@ -719,8 +732,14 @@ func (r *Relay) handleDelivery(s *session, d *amqp.Delivery) error {
 
 func (r *Relay) handleSettlement(s *session, st *publish.Settlement) error {
 	r.inFlight.Add(-1)
-	if st.Job.Gen != r.gen {
-		return nil // its channel is gone; the broker redelivers it
+	if st.Duplicate {
+		r.m.duplicates.Inc()
+	}
+	if s == nil || st.Job.Gen != r.gen {
+		// Its channel is gone, and the broker delivers it again: a copy
+		// of a message Nginx took is then skipped, one it refused is
+		// refused again and dead-lettered on the live session.
+		return nil
 	}
 	switch st.Outcome {
 	case publish.Accepted:
@@ -812,6 +831,8 @@ func (r *Relay) waitApplyingReloads(ctx context.Context, d time.Duration) bool {
 	defer t.Stop()
 	for {
 		select {
+		case st := <-r.settles: // what the lanes finish of the lost session
+			r.handleSettlement(nil, &st)
 		case next := <-r.reloads:
 			if err := r.apply(nil, next); err != nil {
 				r.log.Warn("applying config while disconnected", "err", err)

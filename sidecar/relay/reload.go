@@ -98,35 +98,24 @@ func withoutURLs(a config.AMQP) config.AMQP {
 }
 
 // rebuildPool starts a publisher for the current config, then stops the
-// old one. On a live session the new publisher takes over what the old one
-// had not finished, in order per channel, and the loop settles what it
-// had (so a [push] fix returns nothing to the broker). Without a session
-// (s nil) the old pool's jobs are dropped: their tags died with the
-// channel, and the broker delivers them again.
+// old one. The new publisher takes over what the old one had not
+// finished, in order per channel (so a [push] fix returns nothing to the
+// broker), and the loop settles what it had. Without a session (s nil)
+// the messages are published all the same: they are valid, and the
+// broker's redelivered copies are skipped once Nginx has them.
 func (r *Relay) rebuildPool(s *session) error {
 	old := r.pool.Load()
 	if err := r.startPool(); err != nil {
 		return err // the old pool keeps running
 	}
-	if s != nil {
-		settled, unsent := old.Handover()
-		r.pool.Load().Adopt(unsent)
-		for i := range settled {
-			if err := r.handleSettlement(s, &settled[i]); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	old.Stop()
-	for { // what the old pool settled but the loop has not read
-		select {
-		case <-r.settles:
-		default:
-			r.inFlight.Store(0)
-			return nil
+	settled, unsent := old.Handover()
+	r.pool.Load().Adopt(unsent)
+	for i := range settled {
+		if err := r.handleSettlement(s, &settled[i]); err != nil {
+			return err
 		}
 	}
+	return nil
 }
 
 // moveShards binds gained shards at once and schedules lost ones to be

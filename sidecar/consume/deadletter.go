@@ -35,51 +35,79 @@ type pendingCopy struct {
 // blocks it (connection.blocked), copies wait, and the consuming
 // connection goes on delivering and acking. Confirms arrive
 // asynchronously, so the relay loop never waits for one.
+//
+// The connection is the copies' alone: when the broker closes it (a copy
+// it cannot take, such as one whose headers no longer fit in a frame), the
+// copies it had not confirmed fail, their originals are rejected to the
+// queue's own dead-lettering, and the next copy opens a new connection.
+// The consuming session goes on.
 type deadLetters struct {
+	opts    Options
 	conn    *amqp.Connection
 	ch      *amqp.Channel
-	timeout time.Duration
 	reqs    chan copyReq
 	results chan CopyResult
 	blocked atomic.Bool
-	stop    chan struct{}
-	done    chan struct{}
+	// failures counts the connections in a row that closed or did not
+	// open; the next one waits a backoff that grows with it.
+	failures int
+	stop     chan struct{}
+	done     chan struct{}
 }
 
-func openDeadLetters(ctx context.Context, s *Session, closed chan *amqp.Error) (*deadLetters, error) {
-	o := s.opts
-	conn, err := dial(ctx, o, o.Consumer+"-deadletter")
-	if err != nil {
-		return nil, fmt.Errorf("dead-letter connection: %w", err)
-	}
-	conn.NotifyClose(forward(closed))
+// link is one dead-letter connection's notifications.
+type link struct {
+	confirms <-chan amqp.Confirmation
+	closed   <-chan *amqp.Error
+	blocked  <-chan bool
+}
+
+func openDeadLetters(ctx context.Context, o Options) (*deadLetters, error) {
 	// Room for every delivery the broker may have handed us: each copy
 	// stands for one unacked delivery, so the relay never blocks on it.
 	room := o.Prefetch + 64
 	d := &deadLetters{
-		conn:    conn,
-		timeout: o.Timeout,
+		opts:    o,
 		reqs:    make(chan copyReq, room),
 		results: make(chan CopyResult, room),
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
+	l, err := d.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	go d.run(l)
+	return d, nil
+}
+
+// connect opens the connection and its confirming channel.
+func (d *deadLetters) connect(ctx context.Context) (link, error) {
+	o := d.opts
+	conn, err := dial(ctx, o, o.Consumer+"-deadletter", nil)
+	if err != nil {
+		return link{}, fmt.Errorf("dead-letter connection: %w", err)
+	}
+	closed := make(chan *amqp.Error, 2)
+	conn.NotifyClose(forward(closed))
 	blocked := make(chan bool, 1)
 	conn.NotifyBlocked(forwardBlocked(&d.blocked, blocked))
-	if d.ch, err = openChannel(ctx, conn, o.Timeout); err != nil {
+	ch, err := openChannel(ctx, conn, o.Timeout)
+	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("dead-letter channel: %w", err)
+		return link{}, fmt.Errorf("dead-letter channel: %w", err)
 	}
-	d.ch.NotifyClose(forward(closed))
-	if err := d.ch.Confirm(false); err != nil {
+	ch.NotifyClose(forward(closed))
+	if err := ch.Confirm(false); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("dead-letter confirm mode: %w", err)
+		return link{}, fmt.Errorf("dead-letter confirm mode: %w", err)
 	}
+	d.conn, d.ch = conn, ch
+	d.blocked.Store(false)
 	// amqp091-go delivers confirms synchronously: the buffer must hold
 	// every outstanding one, or its reader would stall the connection.
-	confirms := d.ch.NotifyPublish(make(chan amqp.Confirmation, 4*room))
-	go d.run(confirms, blocked)
-	return d, nil
+	confirms := ch.NotifyPublish(make(chan amqp.Confirmation, 4*cap(d.reqs)))
+	return link{confirms: confirms, closed: closed, blocked: blocked}, nil
 }
 
 // forwardBlocked follows connection.blocked/unblocked without ever making
@@ -104,33 +132,38 @@ func forwardBlocked(flag *atomic.Bool, changed chan bool) chan amqp.Blocking {
 	return c
 }
 
-func (d *deadLetters) run(confirms <-chan amqp.Confirmation, blockedC <-chan bool) {
+func (d *deadLetters) run(l link) {
 	defer close(d.done)
+	defer func() {
+		if d.conn != nil {
+			d.conn.CloseDeadline(time.Now().Add(closeWait)) // its node may hang
+		}
+	}()
 	pending := map[uint64]pendingCopy{} // publish sequence number → copy
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	blocked := d.blocked.Load()
+	blocked := false
+	var reconnect <-chan time.Time // set while the connection is down
 	for {
 		var reqs <-chan copyReq
-		if !blocked {
-			reqs = d.reqs // while blocked, copies wait in the buffer
+		if d.conn != nil && !blocked {
+			reqs = d.reqs // while blocked or down, copies wait in the buffer
 		}
 		select {
 		case r := <-reqs:
 			seq := d.ch.GetNextPublishSeqNo()
-			ctx, cancel := context.WithTimeout(context.Background(), d.timeout)
+			ctx, cancel := context.WithTimeout(context.Background(), d.opts.Timeout)
 			err := d.ch.PublishWithContext(ctx, DeadLetterExchange, r.key, false, false, r.p)
 			cancel()
 			if err != nil {
-				// The channel is gone; the session ends with it, and the
-				// broker redelivers the original.
 				d.report(CopyResult{Tag: r.tag, Err: fmt.Errorf("publish dead letter: %w", err)})
-				continue
+				continue // the close notification follows
 			}
-			pending[seq] = pendingCopy{tag: r.tag, deadline: time.Now().Add(d.timeout)}
-		case c, ok := <-confirms:
+			pending[seq] = pendingCopy{tag: r.tag, deadline: time.Now().Add(d.opts.Timeout)}
+		case c, ok := <-l.confirms:
 			if !ok {
-				return
+				l.confirms = nil // the close notification follows
+				continue
 			}
 			p, known := pending[c.DeliveryTag]
 			if !known {
@@ -141,11 +174,31 @@ func (d *deadLetters) run(confirms <-chan amqp.Confirmation, blockedC <-chan boo
 			if !c.Ack {
 				err = errors.New("broker nacked the dead letter")
 			}
+			d.failures = 0
 			d.report(CopyResult{Tag: p.tag, Err: err})
-		case blocked = <-blockedC:
+		case e := <-l.closed:
+			// Whatever was not confirmed is lost with the connection.
+			for seq, p := range pending {
+				delete(pending, seq)
+				d.report(CopyResult{Tag: p.tag, Err: fmt.Errorf("dead-letter connection closed before the confirm: %v", e)})
+			}
+			d.conn.Close()
+			d.conn, d.ch, blocked = nil, nil, false
+			d.blocked.Store(false)
+			l = link{}
+			d.failures++
+			reconnect = time.After(backoff(d.failures))
+		case <-reconnect:
+			reconnect = nil
+			var err error
+			if l, err = d.connect(context.Background()); err != nil {
+				d.failures++
+				reconnect = time.After(backoff(d.failures))
+			}
+		case blocked = <-l.blocked:
 			if !blocked { // time spent blocked does not count
 				for seq, p := range pending {
-					p.deadline = time.Now().Add(d.timeout)
+					p.deadline = time.Now().Add(d.opts.Timeout)
 					pending[seq] = p
 				}
 			}
@@ -165,6 +218,12 @@ func (d *deadLetters) run(confirms <-chan amqp.Confirmation, blockedC <-chan boo
 	}
 }
 
+// backoff is the wait before the n-th dead-letter reconnect in a row:
+// 100 ms doubling to 5 s.
+func backoff(n int) time.Duration {
+	return min(100*time.Millisecond<<min(n-1, 6), 5*time.Second)
+}
+
 func (d *deadLetters) report(r CopyResult) {
 	select {
 	case d.results <- r:
@@ -174,6 +233,5 @@ func (d *deadLetters) report(r CopyResult) {
 
 func (d *deadLetters) close() {
 	close(d.stop)
-	d.conn.Close()
 	<-d.done
 }

@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/url"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -27,6 +28,10 @@ const (
 	DeadLetterQueue    = "pushrelay.dead"
 	// ReasonHeader carries why a message was dead-lettered.
 	ReasonHeader = "x-pushrelay-reason"
+	// ProbeHeader marks a message a waiting relay puts in its own queue
+	// to learn which consumer is active (watch.go). Whoever receives it
+	// acks it; it never reaches Nginx.
+	ProbeHeader = "x-pushrelay-probe"
 )
 
 // ErrQueueTaken: another consumer holds the host's queue.
@@ -52,17 +57,39 @@ type Options struct {
 	Timeout  time.Duration
 	Consumer string // consumer tag
 	// QueueCheck: how often to ask whether the queue still exists, for a
-	// broker that deletes it without a basic.cancel (watch.go); 0: never.
+	// broker that deletes it without a basic.cancel, and how many
+	// consumers it has (watch.go); 0: never.
 	QueueCheck time.Duration
+	// SingleActive: the queue has x-single-active-consumer, so the
+	// consumer is not exclusive: a second one waits, and the broker
+	// activates it once the first is gone and its messages are back.
+	SingleActive bool
+	// PingEvery and HangAfter: how often the session asks its node a
+	// question that needs no other node, and how long an answer may take
+	// before the node counts as hung and the connection is dropped
+	// (ping.go); 0: never.
+	PingEvery, HangAfter time.Duration
 }
 
 // Session is the relay's link to the broker: a consuming connection with a
 // consuming channel, whose delivery tags start at 1, and a control
 // channel for declarations and bindings; and a second connection for
-// dead-letter copies, so that a publisher-side block never stops acks.
+// dead-letter copies, so that a publisher-side block never stops acks,
+// and a copy the broker refuses never ends the session.
 type Session struct {
-	opts       Options
-	conn       *amqp.Connection
+	opts Options
+	conn *amqp.Connection
+	// sock is conn's socket: closing it ends a connection whose node no
+	// longer answers, which conn.Close would wait on.
+	sock      net.Conn
+	ping      *nodePing
+	consumers atomic.Int64 // the queue's consumers, as of the last check
+	active    atomic.Bool  // a delivery came: this consumer is the active one
+	// shards and want say which shards must be bound (Open); bound says
+	// whether BindAll has made it so on this session.
+	shards     int
+	want       func(shard int) bool
+	bound      bool
 	consume    *amqp.Channel
 	ctl        *amqp.Channel
 	dead       *deadLetters
@@ -70,7 +97,8 @@ type Session struct {
 	Deliveries <-chan amqp.Delivery
 	// DeadLettered reports each dead-letter copy's fate, in no set order.
 	DeadLettered <-chan CopyResult
-	// Closed receives once when either connection or any channel closes.
+	// Closed receives once when the consuming connection or any of its
+	// channels closes.
 	Closed <-chan *amqp.Error
 	// Mismatches says which queues exist with other arguments than asked
 	// for, and are used as they are.
@@ -83,17 +111,22 @@ type Session struct {
 	// Gone is closed when the queue turns out deleted although the broker
 	// sent no basic.cancel. Nil without Options.QueueCheck.
 	Gone <-chan struct{}
+	// Hung is closed when the node stopped answering (Options.HangAfter),
+	// just before the session's socket is closed. Nil without PingEvery.
+	Hung <-chan struct{}
 }
 
 // Open connects, declares the topology and starts consuming. bound lists
 // the shards that must be bound; every other shard of count is unbound, so
 // a relay that starts after a map change leaves no stale binding behind.
+// A consumer that may be waiting binds nothing yet (BindAll).
 func Open(ctx context.Context, o Options, count int, bound func(shard int) bool) (*Session, error) {
-	conn, err := dial(ctx, o, o.Consumer)
+	s := &Session{opts: o}
+	conn, err := dial(ctx, o, o.Consumer, &s.sock)
 	if err != nil {
 		return nil, err
 	}
-	s := &Session{opts: o, conn: conn}
+	s.conn = conn
 	if err := s.setUp(ctx, count, bound); err != nil {
 		s.Close()
 		return nil, err
@@ -104,14 +137,15 @@ func Open(ctx context.Context, o Options, count int, bound func(shard int) bool)
 // Try connects to url and hangs up: whether a new broker URL works, tried
 // before it replaces one that does.
 func Try(ctx context.Context, url string, timeout time.Duration) error {
-	conn, err := dial(ctx, Options{URL: url, Timeout: timeout}, "pushrelay-check")
+	conn, err := dial(ctx, Options{URL: url, Timeout: timeout}, "pushrelay-check", nil)
 	if err != nil {
 		return err
 	}
 	return conn.Close()
 }
 
-func dial(ctx context.Context, o Options, name string) (*amqp.Connection, error) {
+// dial connects; sock, if not nil, receives the connection's socket.
+func dial(ctx context.Context, o Options, name string, sock *net.Conn) (*amqp.Connection, error) {
 	conn, err := amqp.DialConfig(o.URL, amqp.Config{
 		Heartbeat: o.Heartbeat,
 		Locale:    "en_US",
@@ -120,6 +154,9 @@ func dial(ctx context.Context, o Options, name string) (*amqp.Connection, error)
 			c, err := d.DialContext(ctx, network, addr)
 			if err != nil {
 				return nil, err
+			}
+			if sock != nil {
+				*sock = c
 			}
 			// Bounds the AMQP handshake; amqp091-go clears it afterwards.
 			return c, c.SetDeadline(time.Now().Add(o.Timeout))
@@ -161,12 +198,20 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 	if err := s.startConsuming(ctx, closed); err != nil {
 		return err
 	}
-	for shard := 0; shard < count; shard++ {
-		if err := s.setBinding(shard, bound(shard)); err != nil {
+	if s.opts.PingEvery > 0 {
+		// Before the binds: they are what waits on a hung node.
+		if s.ping, err = startPing(ctx, s); err != nil {
+			return fmt.Errorf("open ping channel: %w", err)
+		}
+		s.Hung = s.ping.hung
+	}
+	s.shards, s.want = count, bound
+	if !s.Standby() {
+		if err := s.BindAll(); err != nil {
 			return err
 		}
 	}
-	if s.dead, err = openDeadLetters(ctx, s, closed); err != nil {
+	if s.dead, err = openDeadLetters(ctx, s.opts); err != nil {
 		return err
 	}
 	s.DeadLettered = s.dead.results
@@ -191,11 +236,15 @@ func (s *Session) startConsuming(ctx context.Context, closed chan *amqp.Error) e
 	if err := s.consume.Qos(s.opts.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("qos: %w", err)
 	}
-	// Exclusive: a second relay with the same host (a cloned VM, a copied
-	// config) must not split the queue with the first, silently halving
-	// what each frontend's browsers get. It is refused, stays not ready
-	// and keeps trying, so it takes over if the first one goes away.
-	s.Deliveries, err = s.consume.Consume(s.opts.Queue, s.opts.Consumer, false, true, false, false, nil)
+	// A second relay with the same host (a cloned VM, a copied config)
+	// must not split the queue with the first, silently halving what each
+	// frontend's browsers get. On a classic queue the consumer is
+	// exclusive: the second is refused, stays not ready and keeps trying.
+	// A quorum queue (3.10) does not enforce exclusive; there the queue's
+	// x-single-active-consumer makes the second one wait, and the broker
+	// hands it the queue, returned messages first, once the first is gone.
+	exclusive := !s.opts.SingleActive
+	s.Deliveries, err = s.consume.Consume(s.opts.Queue, s.opts.Consumer, false, exclusive, false, false, nil)
 	var ae *amqp.Error
 	if errors.As(err, &ae) && ae.Code == amqp.AccessRefused {
 		return fmt.Errorf("%w: queue %s (%s): is another relay running with the same host?", ErrQueueTaken, s.opts.Queue, ae.Reason)
@@ -203,7 +252,31 @@ func (s *Session) startConsuming(ctx context.Context, closed chan *amqp.Error) e
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", s.opts.Queue, err)
 	}
+	if s.opts.SingleActive {
+		// The count includes the waiting consumers: more than this one
+		// means this one may be waiting (watch.go settles it).
+		q, err := s.consume.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
+		if err != nil {
+			return fmt.Errorf("count the consumers of %s: %w", s.opts.Queue, err)
+		}
+		s.consumers.Store(int64(q.Consumers))
+	}
 	return nil
+}
+
+// Standby reports whether this consumer may be a waiting one: the queue
+// has other consumers, and nothing has been delivered to this one yet. On
+// a single-active-consumer queue only the active consumer gets anything,
+// and a waiting relay's probes reach it (watch.go).
+func (s *Session) Standby() bool {
+	return s.opts.SingleActive && !s.active.Load() && s.consumers.Load() > 1
+}
+
+// Delivered records that a delivery came: this consumer is the active one.
+func (s *Session) Delivered() {
+	if !s.active.Load() { // a load per delivery, a store once
+		s.active.Store(true)
+	}
 }
 
 // forward returns a notification channel for amqp091-go that never blocks
@@ -330,6 +403,24 @@ func (s *Session) queueExists(ctx context.Context, name string) (bool, error) {
 	return true, nil
 }
 
+// BindAll binds every shard Open was told to and unbinds every other. A
+// waiting consumer does not (Open skips it): the active relay's bindings
+// are not its to rewrite, and on a node that hangs they would wait for
+// the cluster. It binds once it is the active consumer.
+func (s *Session) BindAll() error {
+	for shard := 0; shard < s.shards; shard++ {
+		if err := s.setBinding(shard, s.want(shard)); err != nil {
+			return err
+		}
+	}
+	s.bound = true
+	return nil
+}
+
+// Bound reports whether BindAll has run on this session: until it has,
+// Bind and Unbind are for later (BindAll does what they would).
+func (s *Session) Bound() bool { return s.bound }
+
 // Bind binds one shard's routing key to the queue.
 func (s *Session) Bind(shard int) error { return s.setBinding(shard, true) }
 
@@ -392,9 +483,17 @@ func (s *Session) Close() error {
 	if s.dead != nil {
 		s.dead.close()
 	}
-	err := s.conn.Close()
+	// A node that hangs never answers connection.close: the deadline
+	// bounds the wait, then the socket closes all the same.
+	err := s.conn.CloseDeadline(time.Now().Add(closeWait))
 	if s.watch != nil {
 		s.watch.close() // after the connection: that ends a declare in progress
 	}
+	if s.ping != nil {
+		s.ping.close()
+	}
 	return err
 }
+
+// closeWait bounds the wait for a node's close-ok.
+const closeWait = 2 * time.Second

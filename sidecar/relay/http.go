@@ -34,6 +34,12 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 			http.Error(w, "not consuming: "+why, http.StatusServiceUnavailable)
 			return
 		}
+		if r.standby.Load() {
+			http.Error(w, "not consuming: standing by: another consumer is active on queue "+r.accepted.Load().AMQP.Queue+
+				" (another relay with the same host, or this relay's own earlier session on a broker node that hangs)",
+				http.StatusServiceUnavailable)
+			return
+		}
 		if why := r.unapplied.Load(); why != nil {
 			http.Error(w, "config not yet applied: "+*why, http.StatusServiceUnavailable)
 			return

@@ -88,6 +88,8 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		func() float64 { return float64(r.unacked.Load()) })
 	reg.Gauge("pushrelay_amqp_connected", "1 while an AMQP session is consuming.",
 		func() float64 { return b2f(r.consuming.Load()) })
+	reg.Gauge("pushrelay_amqp_standby", "1 while the session waits as the second consumer of this host's queue (x-single-active-consumer): another consumer is active.",
+		func() float64 { return b2f(r.standby.Load()) })
 	reg.Gauge("pushrelay_amqp_nodes_failing", "Configured broker nodes (amqp.urls) that refused or did not answer a connection at the last check (once a minute; the log names them).",
 		func() float64 { return float64(r.nodesFailing.Load()) })
 	reg.Gauge("pushrelay_publisher_reachable", "1 while every publisher lane's last attempt got an HTTP answer.",

@@ -54,6 +54,12 @@ const (
 	// quorumAckGrace: how long a session on a quorum queue waits between
 	// its last ack and a deliberate close.
 	quorumAckGrace = 500 * time.Millisecond
+	// pingEvery and hangAfter: the session asks its node a local question
+	// every pingEvery, and drops a node that takes hangAfter to answer
+	// (consume/ping.go). A loaded node answers in milliseconds; the
+	// heartbeat (amqp.heartbeat) would take two to three intervals.
+	pingEvery = time.Second
+	hangAfter = 3 * time.Second
 )
 
 // errReconnect asks Run for a new AMQP session right away, after a reload
@@ -68,6 +74,9 @@ var errCancelled = errors.New("the broker cancelled the consumer")
 // errQueueGone: the queue was deleted and the broker said nothing (see
 // consume.Options.QueueCheck). The same cure as errCancelled.
 var errQueueGone = errors.New("the host queue is gone, and the broker sent no basic.cancel")
+
+// errNodeHung: the session's node stopped answering (consume/ping.go).
+var errNodeHung = errors.New("the broker node stopped answering")
 
 // Hooks let other parts of the daemon follow config reloads.
 type Hooks struct {
@@ -97,10 +106,13 @@ type Relay struct {
 	// could not open a connection to.
 	nodesFailing atomic.Int64
 	// queueMismatch: the live host queue's arguments differ from the config.
-	queueMismatch  atomic.Bool
-	unacked        atomic.Int64 // delivered on the current session, not yet acked or rejected
-	deadBlocked    atomic.Bool  // the broker blocks the dead-letter connection
-	consuming      atomic.Bool
+	queueMismatch atomic.Bool
+	unacked       atomic.Int64 // delivered on the current session, not yet acked or rejected
+	deadBlocked   atomic.Bool  // the broker blocks the dead-letter connection
+	consuming     atomic.Bool
+	// standby: the session consumes, but on a single-active-consumer
+	// queue whose active consumer is another (consume.Session.Standby).
+	standby        atomic.Bool
 	shardsOwned    atomic.Int64
 	shardsDraining atomic.Int64
 	lastReloadOK   atomic.Bool
@@ -407,6 +419,9 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 		Timeout:       amqpTimeout,
 		Consumer:      "pushrelay-" + r.cfg.Host + "-" + strconv.FormatUint(r.gen, 10),
 		QueueCheck:    queueCheck,
+		SingleActive:  a.QueueType == "quorum",
+		PingEvery:     pingEvery,
+		HangAfter:     hangAfter,
 	}
 	// Every node in a random order, so that five relays whose node died
 	// spread over the survivors; a rotation from a random start would send
@@ -452,6 +467,13 @@ func queueArgs(a config.AMQP) amqp.Table {
 	args := amqp.Table{
 		"x-queue-type":           a.QueueType,
 		"x-dead-letter-exchange": consume.DeadLetterExchange,
+	}
+	if a.QueueType == "quorum" {
+		// One consumer at a time, on a queue type that does not enforce
+		// exclusive consumers; and order through a broker fault: a new
+		// consumer gets nothing until the old one's messages are back,
+		// and then those first (consume.Options.SingleActive).
+		args["x-single-active-consumer"] = true
 	}
 	if a.MessageTTL > 0 {
 		args["x-message-ttl"] = a.MessageTTL.D().Milliseconds()
@@ -510,6 +532,10 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 	ticker := time.NewTicker(ackInterval)
 	defer ticker.Stop()
 	defer r.oldestPending.Store(0)
+	defer r.standby.Store(false)
+	if err := r.watchStandby(sess); err != nil {
+		return err
+	}
 
 	deliveries := sess.Deliveries
 	// amqp091-go also closes the cancel channel when the consuming channel
@@ -600,6 +626,8 @@ func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
 			return errCancelled
 		case <-sess.Gone:
 			return errQueueGone
+		case <-sess.Hung:
+			return errNodeHung
 		case <-done:
 			stopping, done = true, nil
 			quiesceTimer = nil // a rebuild waits for the next start
@@ -676,6 +704,9 @@ func (r *Relay) tick(s *session) error {
 		r.oldestPending.Store(0)
 	}
 	r.watchPublisher()
+	if err := r.watchStandby(s.Session); err != nil {
+		return err
+	}
 	if blocked := s.DeadLetterBlocked(); blocked != r.deadBlocked.Swap(blocked) {
 		if blocked {
 			r.log.Warn("the broker blocks the dead-letter connection (resource alarm): copies wait, consuming goes on",
@@ -685,6 +716,28 @@ func (r *Relay) tick(s *session) error {
 		}
 	}
 	return r.expireDrains(s.Session)
+}
+
+// watchStandby follows whether the session is the queue's active consumer,
+// says so when that changes, and binds the desired shards once it is.
+func (r *Relay) watchStandby(sess *consume.Session) error {
+	standby := sess.Standby()
+	if !standby && !sess.Bound() {
+		if err := sess.BindAll(); err != nil {
+			return fmt.Errorf("bind shards: %w", err)
+		}
+	}
+	if standby == r.standby.Load() {
+		return nil
+	}
+	r.standby.Store(standby)
+	if standby {
+		r.log.Error("not consuming: another consumer is active on this host's queue; standing by", "queue", r.cfg.AMQP.Queue,
+			"hint", "another relay with the same host, or this relay's own earlier session on a broker node that hangs")
+	} else {
+		r.log.Info("the active consumer of this host's queue now", "queue", r.cfg.AMQP.Queue)
+	}
+	return nil
 }
 
 // watchPublisher logs the publisher's state when it changes: once, not
@@ -710,6 +763,10 @@ func (r *Relay) handleDelivery(s *session, d *amqp.Delivery) error {
 	}
 	if err := s.tracker.Track(d.DeliveryTag, r.now); err != nil {
 		return err
+	}
+	s.Delivered()
+	if _, ok := d.Headers[consume.ProbeHeader]; ok {
+		return s.tracker.Settle(d.DeliveryTag, acker.Done) // it only tells this relay it is active
 	}
 	msg, reason := message.Parse(d, r.cfg.Push.MaxBody)
 	if reason == message.OK && len(msg.Body) == 0 && r.cfg.Push.Dialect == config.DialectPushStream {

@@ -153,7 +153,7 @@ func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Durati
 	r.saveDrains()
 	r.shardsOwned.Store(int64(len(owned)))
 	r.shardsDraining.Store(int64(len(r.draining)))
-	if sess != nil && len(gained) > 0 {
+	if sess != nil && sess.Bound() && len(gained) > 0 {
 		// Owned already says the new map; until every bind is done the
 		// broker routes the gained shards elsewhere: not applied yet.
 		r.setUnapplied("binding " + strconv.Itoa(len(gained)) + " gained shards")
@@ -180,7 +180,7 @@ func (r *Relay) expireDrains(sess *consume.Session) error {
 		if now.Before(until) {
 			continue
 		}
-		if sess != nil {
+		if sess != nil && sess.Bound() {
 			if err := sess.Unbind(s); err != nil {
 				// Still bound and draining: the next session unbinds it.
 				r.setUnapplied("unbinding drained shards: " + err.Error())

@@ -68,6 +68,9 @@ type Push struct {
 	RetryBudget Duration `toml:"retry_budget"`
 	MaxAge      Duration `toml:"max_age"`
 	StatsURL    string   `toml:"stats_url"`
+	// Dedupe: ack a redelivered copy of a message Nginx took, without
+	// publishing it again (publish.Seen). Off only to measure its cost.
+	Dedupe bool `toml:"dedupe"`
 }
 
 // Shards is the [shards] section.
@@ -149,6 +152,7 @@ func Default() Config {
 			MaxBody:     32 * 1024,
 			RetryMax:    Duration(2 * time.Second),
 			RetryBudget: Duration(3 * time.Minute),
+			Dedupe:      true,
 		},
 		Shards:  Shards{Count: shard.DefaultCount, Drain: Duration(30 * time.Second)},
 		Metrics: Metrics{Listen: "127.0.0.1:9470"},

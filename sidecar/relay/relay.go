@@ -492,8 +492,11 @@ func queueArgs(a config.AMQP) amqp.Table {
 }
 
 // seenFor returns the memory of what Nginx took, made anew only when the
-// prefetch, which bounds what can come back, has grown.
-func (r *Relay) seenFor(prefetch int) *publish.Seen {
+// prefetch, which bounds what can come back, has grown; nil if off.
+func (r *Relay) seenFor(on bool, prefetch int) *publish.Seen {
+	if !on {
+		return nil
+	}
 	if r.seen == nil || prefetch > r.seenPrefetch {
 		r.seen, r.seenPrefetch = publish.NewSeen(prefetch), prefetch
 	}
@@ -519,7 +522,7 @@ func (r *Relay) startPool() error {
 		RetryBudget: p.RetryBudget.D(),
 		MaxAge:      p.MaxAge.D(),
 		QueueLen:    r.cfg.AMQP.Prefetch,
-		Seen:        r.seenFor(r.cfg.AMQP.Prefetch),
+		Seen:        r.seenFor(p.Dedupe, r.cfg.AMQP.Prefetch),
 	}, r.settles, r.m.publish, r.log))
 	return nil
 }

@@ -22,6 +22,9 @@
 //	    per message of the relay and of Nginx draining the same backlog;
 //	(hot) one hot channel against the same rate spread over 100 channels.
 //
+// Then the queues part (queues.go: classic against quorum) and the dedupe
+// part (dedupe.go: the guard against duplicates on and off).
+//
 // -parts selects what runs. Run it with `make bench`.
 package main
 
@@ -62,7 +65,7 @@ type options struct {
 }
 
 // allParts are -parts' names, in the order they run.
-const allParts = "drain,latency,allocs,socket,ladder,poison,hot,queues"
+const allParts = "drain,latency,allocs,socket,ladder,poison,hot,queues,dedupe"
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "rawconsume" {
@@ -82,7 +85,7 @@ func main() {
 	flag.IntVar(&o.workers, "nginx-workers", 2, "Nginx worker processes")
 	flag.StringVar(&o.publisher, "publisher", "", "diagnostic: drain into this publish URL instead of the bench's Nginx")
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
-	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot, and queues (classic vs quorum, one node)")
+	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot, queues (classic vs quorum, one node) and dedupe (push.dedupe on vs off)")
 	flag.StringVar(&modules, "modules", "nchan,pushstream", "modules for socket, ladder, poison and hot")
 	o.perModule.flags()
 	flag.Parse()
@@ -151,6 +154,13 @@ func run(ctx context.Context, o options) error {
 			return fmt.Errorf("queues: %w", err)
 		}
 		text += q
+	}
+	if o.parts["dedupe"] { // dedupe.go
+		d, err := dedupePart(ctx, o)
+		if err != nil {
+			return fmt.Errorf("dedupe: %w", err)
+		}
+		text += d
 	}
 	fmt.Print(text)
 	if o.out != "" {

@@ -252,24 +252,18 @@ func (s *Session) startConsuming(ctx context.Context, closed chan *amqp.Error) e
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", s.opts.Queue, err)
 	}
-	if s.opts.SingleActive {
-		// The count includes the waiting consumers: more than this one
-		// means this one may be waiting (watch.go settles it).
-		q, err := s.consume.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
-		if err != nil {
-			return fmt.Errorf("count the consumers of %s: %w", s.opts.Queue, err)
-		}
-		s.consumers.Store(int64(q.Consumers))
-	}
 	return nil
 }
 
-// Standby reports whether this consumer may be a waiting one: the queue
-// has other consumers, and nothing has been delivered to this one yet. On
-// a single-active-consumer queue only the active consumer gets anything,
-// and a waiting relay's probes reach it (watch.go).
+// Standby reports whether this consumer may be a waiting one: on a
+// single-active-consumer queue only the active consumer gets anything, and
+// nothing has come to this one yet. The broker does not say which one is
+// active (a passive declare counts only the active consumer, whoever it
+// is), so the queue watch puts a probe in the queue at once and every
+// probeEvery while this holds: the active consumer receives it within
+// milliseconds, and a waiting one never does (watch.go).
 func (s *Session) Standby() bool {
-	return s.opts.SingleActive && !s.active.Load() && s.consumers.Load() > 1
+	return s.opts.SingleActive && !s.active.Load()
 }
 
 // Delivered records that a delivery came: this consumer is the active one.

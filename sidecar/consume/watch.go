@@ -25,11 +25,12 @@ type queueWatch struct {
 	done chan struct{}
 }
 
-// The same declare counts the queue's consumers. On a single-active-
-// consumer queue, a relay that has received nothing while others consume
-// may be the one waiting, or the active one on a quiet queue: it puts a
-// probe message in the queue, which only the active consumer receives
-// (Session.Standby). The probe expires unread if no consumer is active.
+// On a single-active-consumer queue, a consumer that has received nothing
+// may be the one waiting, or the active one on a quiet queue: the watch
+// puts a probe message in the queue, which only the active consumer
+// receives (Session.Standby), at once and then every probeEvery until one
+// comes. A probe expires unread after probeEvery if no consumer is active
+// (a hung one), so that probes never pile up.
 //
 // watchQueue starts the watch on a channel of its own: the broker closes
 // the channel it answers NOT_FOUND on, and the session's are watched.
@@ -43,23 +44,25 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 	w := &queueWatch{gone: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(w.done)
-		// Every interval; every probeEvery while this consumer may be the
-		// waiting one, so that the active one learns it soon.
-		next := time.NewTimer(interval)
+		// The first check at once, for the first probe; then every
+		// interval, or every probeEvery while this consumer may be the
+		// waiting one.
+		next := time.NewTimer(0)
 		defer next.Stop()
 		for {
-			if s.Standby() {
-				next.Reset(min(interval, probeEvery))
-			}
 			select {
 			case <-w.stop:
 				return
 			case <-next.C:
+			}
+			if s.Standby() {
+				next.Reset(min(interval, probeEvery))
+			} else {
 				next.Reset(interval)
 			}
 			// Returns when the broker answers or the connection closes,
 			// which Close does before waiting for this goroutine.
-			q, err := ch.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
+			_, err := ch.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
 			var ae *amqp.Error
 			if errors.As(err, &ae) && ae.Code == amqp.NotFound {
 				close(w.gone)
@@ -68,7 +71,6 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 			if err != nil {
 				return // the connection is gone: Closed says so
 			}
-			s.consumers.Store(int64(q.Consumers))
 			if s.Standby() {
 				err = ch.Publish("", s.opts.Queue, false, false, amqp.Publishing{
 					Headers:    amqp.Table{ProbeHeader: s.opts.Consumer},

@@ -35,8 +35,8 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 			return
 		}
 		if r.standby.Load() {
-			http.Error(w, "not consuming: standing by: another consumer is active on queue "+r.accepted.Load().AMQP.Queue+
-				" (another relay with the same host, or this relay's own earlier session on a broker node that hangs)",
+			http.Error(w, "not consuming: standing by: no probe or message has reached this consumer of queue "+r.accepted.Load().AMQP.Queue+
+				", so another one is active (another relay with the same host, or this relay's own earlier session on a broker node that hangs)",
 				http.StatusServiceUnavailable)
 			return
 		}

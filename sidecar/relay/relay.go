@@ -60,6 +60,9 @@ const (
 	// heartbeat (amqp.heartbeat) would take two to three intervals.
 	pingEvery = time.Second
 	hangAfter = 3 * time.Second
+	// standbyLog: a session that is not the queue's active consumer this
+	// long after it began logs why (its probe takes milliseconds).
+	standbyLog = 2 * time.Second
 )
 
 // errReconnect asks Run for a new AMQP session right away, after a reload
@@ -426,9 +429,14 @@ func (r *Relay) open(ctx context.Context) (*consume.Session, error) {
 	// Every node in a random order, so that five relays whose node died
 	// spread over the survivors; a rotation from a random start would send
 	// the dead node's successor twice its share.
+	// The node of the session just lost goes last: if it hangs, each try
+	// of it costs the whole dial timeout before the next node.
 	order := make([]string, 0, len(urls)+len(fallback))
 	for _, i := range rand.Perm(len(urls)) {
 		order = append(order, urls[i])
+	}
+	if i := slices.Index(order, r.sessionURL); i >= 0 && len(order) > 1 {
+		order = append(slices.Delete(order, i, i+1), r.sessionURL)
 	}
 	var errs []error
 	for i, url := range append(order, fallback...) {
@@ -530,13 +538,13 @@ func (r *Relay) startPool() error {
 // serve runs one AMQP session. It returns nil after a graceful stop, and
 // an error when the session is lost or must be replaced.
 func (r *Relay) serve(ctx context.Context, sess *consume.Session) error {
-	s := &session{Session: sess, tracker: acker.NewTracker(r.cfg.AMQP.Prefetch)}
+	s := &session{Session: sess, tracker: acker.NewTracker(r.cfg.AMQP.Prefetch), began: time.Now()}
 	r.now = time.Now().UnixNano()
 	ticker := time.NewTicker(ackInterval)
 	defer ticker.Stop()
 	defer r.oldestPending.Store(0)
 	defer r.standby.Store(false)
-	if err := r.watchStandby(sess); err != nil {
+	if err := r.watchStandby(s); err != nil {
 		return err
 	}
 
@@ -691,6 +699,9 @@ type session struct {
 	// has not moved since is a stalled message, and the settled tags
 	// above it are acked one by one.
 	lastHead uint64
+	began    time.Time
+	// standbyLogged: the session said it stands by (watchStandby).
+	standbyLogged bool
 }
 
 // tick runs every ackInterval: acks, drains, and the figures that change
@@ -707,7 +718,7 @@ func (r *Relay) tick(s *session) error {
 		r.oldestPending.Store(0)
 	}
 	r.watchPublisher()
-	if err := r.watchStandby(s.Session); err != nil {
+	if err := r.watchStandby(s); err != nil {
 		return err
 	}
 	if blocked := s.DeadLetterBlocked(); blocked != r.deadBlocked.Swap(blocked) {
@@ -723,21 +734,24 @@ func (r *Relay) tick(s *session) error {
 
 // watchStandby follows whether the session is the queue's active consumer,
 // says so when that changes, and binds the desired shards once it is.
-func (r *Relay) watchStandby(sess *consume.Session) error {
-	standby := sess.Standby()
-	if !standby && !sess.Bound() {
-		if err := sess.BindAll(); err != nil {
+func (r *Relay) watchStandby(s *session) error {
+	standby := s.Standby()
+	if !standby && !s.Bound() {
+		if err := s.BindAll(); err != nil {
 			return fmt.Errorf("bind shards: %w", err)
 		}
 	}
-	if standby == r.standby.Load() {
-		return nil
-	}
 	r.standby.Store(standby)
-	if standby {
+	// Every session starts so until its first probe or delivery comes,
+	// within milliseconds when it is the active consumer: say it only
+	// when it lasts.
+	switch {
+	case standby && !s.standbyLogged && time.Since(s.began) >= standbyLog:
+		s.standbyLogged = true
 		r.log.Error("not consuming: another consumer is active on this host's queue; standing by", "queue", r.cfg.AMQP.Queue,
 			"hint", "another relay with the same host, or this relay's own earlier session on a broker node that hangs")
-	} else {
+	case !standby && s.standbyLogged:
+		s.standbyLogged = false
 		r.log.Info("the active consumer of this host's queue now", "queue", r.cfg.AMQP.Queue)
 	}
 	return nil

@@ -22,8 +22,9 @@
 //	    per message of the relay and of Nginx draining the same backlog;
 //	(hot) one hot channel against the same rate spread over 100 channels.
 //
-// Then the queues part (queues.go: classic against quorum) and the dedupe
-// part (dedupe.go: the guard against duplicates on and off).
+// Then the queues part (queues.go: classic against quorum), the dedupe
+// part (dedupe.go: the guard against duplicates on and off) and the
+// failover part (failover.go: what broker faults cost on a cluster).
 //
 // -parts selects what runs. Run it with `make bench`.
 package main
@@ -65,7 +66,7 @@ type options struct {
 }
 
 // allParts are -parts' names, in the order they run.
-const allParts = "drain,latency,allocs,socket,ladder,poison,hot,queues,dedupe"
+const allParts = "drain,latency,allocs,socket,ladder,poison,hot,queues,dedupe,failover"
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "rawconsume" {
@@ -85,7 +86,7 @@ func main() {
 	flag.IntVar(&o.workers, "nginx-workers", 2, "Nginx worker processes")
 	flag.StringVar(&o.publisher, "publisher", "", "diagnostic: drain into this publish URL instead of the bench's Nginx")
 	flag.StringVar(&o.out, "out", "", "also write the report (markdown) to this file")
-	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot, queues (classic vs quorum, one node) and dedupe (push.dedupe on vs off)")
+	flag.StringVar(&parts, "parts", allParts, "what to run: drain (a-c), latency (d), allocs (e), and on each module socket (h), ladder (g), poison (f), hot, queues (classic vs quorum, one node) and dedupe (push.dedupe on vs off), failover (TestCluster's figures)")
 	flag.StringVar(&modules, "modules", "nchan,pushstream", "modules for socket, ladder, poison and hot")
 	o.perModule.flags()
 	flag.Parse()
@@ -161,6 +162,13 @@ func run(ctx context.Context, o options) error {
 			return fmt.Errorf("dedupe: %w", err)
 		}
 		text += d
+	}
+	if o.parts["failover"] { // failover.go
+		f, err := failoverPart(ctx, o)
+		if err != nil {
+			return fmt.Errorf("failover: %w", err)
+		}
+		text += f
 	}
 	fmt.Print(text)
 	if o.out != "" {

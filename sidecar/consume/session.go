@@ -81,15 +81,16 @@ type Session struct {
 	conn *amqp.Connection
 	// sock is conn's socket: closing it ends a connection whose node no
 	// longer answers, which conn.Close would wait on.
-	sock      net.Conn
-	ping      *nodePing
-	consumers atomic.Int64 // the queue's consumers, as of the last check
-	active    atomic.Bool  // a delivery came: this consumer is the active one
+	sock   net.Conn
+	ping   *nodePing
+	active atomic.Bool // a delivery came: this consumer is the active one
 	// shards and want say which shards must be bound (Open); bound says
 	// whether BindAll has made it so on this session.
-	shards     int
-	want       func(shard int) bool
-	bound      bool
+	shards int
+	want   func(shard int) bool
+	bound  bool
+	// bindNow: the queue had no active consumer when this one came.
+	bindNow    bool
 	consume    *amqp.Channel
 	ctl        *amqp.Channel
 	dead       *deadLetters
@@ -114,6 +115,8 @@ type Session struct {
 	// Hung is closed when the node stopped answering (Options.HangAfter),
 	// just before the session's socket is closed. Nil without PingEvery.
 	Hung <-chan struct{}
+	// Setup is how long Open's steps took: where a slow start waited.
+	Setup struct{ Dial, Declare, Consume time.Duration }
 }
 
 // Open connects, declares the topology and starts consuming. bound lists
@@ -122,11 +125,13 @@ type Session struct {
 // A consumer that may be waiting binds nothing yet (BindAll).
 func Open(ctx context.Context, o Options, count int, bound func(shard int) bool) (*Session, error) {
 	s := &Session{opts: o}
+	began := time.Now()
 	conn, err := dial(ctx, o, o.Consumer, &s.sock)
 	if err != nil {
 		return nil, err
 	}
 	s.conn = conn
+	s.Setup.Dial = time.Since(began)
 	if err := s.setUp(ctx, count, bound); err != nil {
 		s.Close()
 		return nil, err
@@ -190,14 +195,18 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 		return fmt.Errorf("open control channel: %w", err)
 	}
 	s.ctl.NotifyClose(forward(closed))
+	began := time.Now()
 	if err := s.declare(ctx); err != nil {
 		return err
 	}
+	s.Setup.Declare = time.Since(began)
+	began = time.Now()
 	// Consume before binding: a second relay with the same host is
 	// refused here, before it could rewrite the first one's bindings.
 	if err := s.startConsuming(ctx, closed); err != nil {
 		return err
 	}
+	s.Setup.Consume = time.Since(began)
 	if s.opts.PingEvery > 0 {
 		// Before the binds: they are what waits on a hung node.
 		if s.ping, err = startPing(ctx, s); err != nil {
@@ -206,7 +215,7 @@ func (s *Session) setUp(ctx context.Context, count int, bound func(int) bool) er
 		s.Hung = s.ping.hung
 	}
 	s.shards, s.want = count, bound
-	if !s.Standby() {
+	if !s.Standby() || s.bindNow {
 		if err := s.BindAll(); err != nil {
 			return err
 		}
@@ -235,6 +244,19 @@ func (s *Session) startConsuming(ctx context.Context, closed chan *amqp.Error) e
 	s.Cancelled = s.consume.NotifyCancel(make(chan string, 1))
 	if err := s.consume.Qos(s.opts.Prefetch, 0, false); err != nil {
 		return fmt.Errorf("qos: %w", err)
+	}
+	if s.opts.SingleActive {
+		// A passive declare counts the active consumer only: none means
+		// this one will be active, and binds at once (a producer's message
+		// must not find the shards of a new queue unbound). It still
+		// waits for its probe to say so: two relays started at the same
+		// instant both see none, and the one that waits must not say it
+		// consumes; both bind then, which is harmless for a clone.
+		q, err := s.consume.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
+		if err != nil {
+			return fmt.Errorf("count the consumers of %s: %w", s.opts.Queue, err)
+		}
+		s.bindNow = q.Consumers == 0
 	}
 	// A second relay with the same host (a cloned VM, a copied config)
 	// must not split the queue with the first, silently halving what each

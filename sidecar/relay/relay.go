@@ -318,6 +318,9 @@ func (r *Relay) Run(ctx context.Context) error {
 			}
 			why := err.Error()
 			r.connectErr.Store(&why)
+			// A classic queue refuses a second exclusive consumer: this
+			// relay stands by as a waiting one on a quorum queue does.
+			r.standby.Store(errors.Is(err, consume.ErrQueueTaken))
 			if errors.Is(err, consume.ErrQueueTaken) {
 				if failures == 1 || failures%60 == 0 { // once, then every few minutes
 					r.log.Error("not consuming: another relay holds this host's queue; standing by", "err", err, "retry_in", wait)
@@ -346,7 +349,9 @@ func (r *Relay) Run(ctx context.Context) error {
 			// desired AMQP settings: nothing is left to apply.
 			r.setUnapplied("")
 		}
-		r.log.Info("consuming", "queue", r.cfg.AMQP.Queue, "node", r.node, "shards", len(r.bound), "gen", r.gen)
+		r.log.Info("consuming", "queue", r.cfg.AMQP.Queue, "node", r.node, "shards", len(r.bound), "gen", r.gen,
+			"dial", sess.Setup.Dial.Round(time.Millisecond), "declare", sess.Setup.Declare.Round(time.Millisecond),
+			"consume", sess.Setup.Consume.Round(time.Millisecond))
 		began := time.Now()
 		err = r.serve(ctx, sess)
 		r.consuming.Store(false)

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -32,7 +33,11 @@ type rabbitNode struct {
 	DistPort int
 	dir      string
 	env      []string
+	ctlEnv   []string // for the CLI tools: the same net_ticktime as the node
 	pidFile  string
+	// stopped is set by Stop and cleared by Cont, Kill and destroy: a
+	// stopped node must never outlive the subtest that stopped it.
+	stopped atomic.Bool
 }
 
 // URL is the node's AMQP URL. guest may log in: every client is on loopback.
@@ -66,9 +71,27 @@ func rabbitUnavailable() string {
 	return ""
 }
 
+// clusterOptions shape every node of a test cluster.
+type clusterOptions struct {
+	// NetTicktime is the nodes' Erlang net_ticktime in seconds (0: the
+	// default, 60): how long a hung member stays a member before the
+	// others declare it down. It reaches every node through
+	// RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel net_ticktime N", and the
+	// CLI tools through RABBITMQ_CTL_ERL_ARGS (a peer whose ticks come
+	// every 15 s would otherwise be dropped during a long rabbitmqctl wait).
+	// startCluster checks every node runs with it.
+	NetTicktime int
+	// PartitionHandling is the nodes' cluster_partition_handling ("":
+	// RabbitMQ's default, ignore). A member that hung longer than
+	// net_ticktime wakes up to find itself declared down: under ignore
+	// the cluster stays split until an operator restarts it; under
+	// pause_minority the woken minority pauses itself and rejoins.
+	PartitionHandling string
+}
+
 // startCluster starts n nodes, joins them to the first and waits until
 // every one runs. Cleanup kills them and removes their data, pass or fail.
-func startCluster(t *testing.T, n int) *rabbitCluster {
+func startCluster(t *testing.T, n int, o clusterOptions) *rabbitCluster {
 	t.Helper()
 	if why := rabbitUnavailable(); why != "" {
 		if os.Getenv("CI") != "" {
@@ -125,6 +148,14 @@ func startCluster(t *testing.T, n int) *rabbitCluster {
 			"RABBITMQ_ADVANCED_CONFIG_FILE=" + filepath.Join(node.dir, "none.config"),
 			"RABBITMQ_ENABLED_PLUGINS_FILE=" + filepath.Join(node.dir, "enabled_plugins"),
 		}
+		if o.NetTicktime > 0 {
+			args := fmt.Sprintf("-kernel net_ticktime %d", o.NetTicktime)
+			node.ctlEnv = []string{"RABBITMQ_CTL_ERL_ARGS=" + args}
+			if o.PartitionHandling != "" {
+				args += " -rabbit cluster_partition_handling " + o.PartitionHandling
+			}
+			node.env = append(node.env, "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+args)
+		}
 		c.Nodes = append(c.Nodes, node)
 	}
 	began := time.Now()
@@ -149,8 +180,26 @@ func startCluster(t *testing.T, n int) *rabbitCluster {
 	for _, node := range c.Nodes {
 		c.ctl(node, "await_startup")
 	}
-	t.Logf("cluster of %d nodes up and joined in %v", n, time.Since(began).Round(100*time.Millisecond))
+	if o.NetTicktime > 0 {
+		for _, node := range c.Nodes {
+			if got := c.netTicktime(node); got != o.NetTicktime {
+				t.Fatalf("%s runs with net_ticktime %d, want %d", node.Name, got, o.NetTicktime)
+			}
+		}
+	}
+	t.Logf("cluster of %d nodes up and joined in %v (net_ticktime %d s)", n, time.Since(began).Round(100*time.Millisecond), c.netTicktime(c.Nodes[0]))
 	return c
+}
+
+// netTicktime is node's net_ticktime as the node itself reports it, in
+// seconds; 0 if it does not answer.
+func (c *rabbitCluster) netTicktime(n *rabbitNode) int {
+	out, err := c.ctlErr(n, 30*time.Second, "eval", "net_kernel:get_net_ticktime().")
+	if err != nil {
+		return 0
+	}
+	v, _ := strconv.Atoi(strings.TrimSpace(out))
+	return v
 }
 
 // launch starts a node detached and waits until its app runs.
@@ -197,6 +246,7 @@ func rabbitCLI(n *rabbitNode, timeout time.Duration, tool string, args ...string
 	cmd := exec.Command("timeout", append([]string{strconv.Itoa(int(timeout.Seconds())), "runuser", "-u", "rabbitmq", "--",
 		rabbitLib + tool, "-q", "-n", n.Name}, args...)...)
 	cmd.Dir = "/var/lib/rabbitmq"
+	cmd.Env = append(os.Environ(), n.ctlEnv...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
@@ -212,7 +262,9 @@ func (n *rabbitNode) pid() int {
 }
 
 // Kill sends SIGKILL to the node's beam, as the OOM killer or a power
-// cut would, and waits until it is gone.
+// cut would, and waits until it is gone. Should the test end before
+// Restart, its cleanup starts the node again: the cluster serves the next
+// subtests with all its members.
 func (c *rabbitCluster) Kill(n *rabbitNode) {
 	c.t.Helper()
 	pid := n.pid()
@@ -222,8 +274,105 @@ func (c *rabbitCluster) Kill(n *rabbitNode) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		c.t.Fatalf("kill %s (pid %d): %v", n.Name, pid, err)
 	}
+	n.stopped.Store(false)
+	c.t.Cleanup(func() {
+		if n.pid() == 0 {
+			if err := c.launch(n); err != nil {
+				c.t.Errorf("start %s again after the test: %v", n.Name, err)
+			}
+		}
+	})
 	waitFor(c.t, n.Name+" gone", 10*time.Second, func() bool { return syscall.Kill(pid, 0) != nil })
 	os.Remove(n.pidFile) // its pid may go to another process now
+}
+
+// Stop freezes the node's beam with SIGSTOP, as a GC pause, a disk stall
+// or a frozen VM would: its sockets stay open and nothing answers. The
+// subtest's cleanup sends SIGCONT if Cont has not, pass or fail (destroy
+// does too), so a frozen node never outlives the subtest.
+func (c *rabbitCluster) Stop(n *rabbitNode) {
+	c.t.Helper()
+	pid := n.pid()
+	if pid == 0 {
+		c.t.Fatalf("%s has no pid file", n.Name)
+	}
+	n.stopped.Store(true)
+	c.t.Cleanup(func() {
+		if n.stopped.Load() {
+			c.Cont(n)
+		}
+	})
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		c.t.Fatalf("stop %s (pid %d): %v", n.Name, pid, err)
+	}
+}
+
+// Cont resumes a node frozen by Stop.
+func (c *rabbitCluster) Cont(n *rabbitNode) {
+	c.t.Helper()
+	if pid := n.pid(); pid > 0 {
+		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+			c.t.Errorf("resume %s (pid %d): %v", n.Name, pid, err)
+		}
+	}
+	n.stopped.Store(false)
+}
+
+// partitions is what node n reports as partitioned from it ("[]" when
+// none), or the error.
+func (c *rabbitCluster) partitions(n *rabbitNode) string {
+	out, err := c.ctlErr(n, 30*time.Second, "eval", "rabbit_node_monitor:partitions().")
+	if err != nil {
+		return fmt.Sprintf("%v: %s", err, out)
+	}
+	return strings.TrimSpace(out)
+}
+
+// Heal makes a node that was frozen a full member again. A hang longer
+// than net_ticktime makes the others declare it down, and on waking it
+// finds a partitioned cluster; RabbitMQ's default partition handling
+// (ignore) leaves it so, and the next subtests would run on a split
+// cluster. A partitioned node is restarted, as an operator would.
+func (c *rabbitCluster) Heal(n *rabbitNode) {
+	c.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		parts := ""
+		for _, m := range c.Nodes {
+			if p := c.partitions(m); p != "[]" {
+				parts += fmt.Sprintf(" %s: %s;", m.Name, p)
+			}
+		}
+		if parts == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Logf("partitions after the hang:%s restarting %s", parts, n.Name)
+			c.Kill(n)
+			c.Restart(n)
+			return
+		}
+		time.Sleep(time.Second)
+	}
+}
+
+// waitNotQuorumCritical waits until stopping n would leave every quorum
+// queue a majority: a member restarted moments ago may still be catching
+// up, and a second kill then would cost the queue its quorum, a fault
+// the tests do not mean to inject.
+func (c *rabbitCluster) waitNotQuorumCritical(n *rabbitNode, timeout time.Duration) {
+	c.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := rabbitCLI(n, 30*time.Second, "rabbitmq-queues", "check_if_node_is_quorum_critical")
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("%s is still quorum-critical after %v: %s", n.Name, timeout, out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
 }
 
 // Restart starts a killed node again with the same environment; it
@@ -326,6 +475,8 @@ func (c *rabbitCluster) destroy() {
 	}
 	for _, n := range c.Nodes {
 		if pid := n.pid(); pid > 0 {
+			syscall.Kill(pid, syscall.SIGCONT) // a stopped node dies of SIGKILL too, but leave none frozen
+			n.stopped.Store(false)
 			syscall.Kill(pid, syscall.SIGKILL)
 			deadline := time.Now().Add(10 * time.Second)
 			for syscall.Kill(pid, 0) == nil && time.Now().Before(deadline) {

@@ -14,14 +14,19 @@ import (
 	"github.com/pushrelay/pushrelay/integration/stack"
 )
 
-// Issue 10: the relay on a three-node RabbitMQ cluster of the test's own
-// (cluster_harness_test.go), with amqp.urls naming every node and a quorum
-// queue. One cluster serves every subtest: starting it takes ~25 s.
+// Issues 10 and 16: the relay on a three-node RabbitMQ cluster of the
+// test's own (cluster_harness_test.go), with amqp.urls naming every node,
+// a quorum queue and the shipped prefetch (2048). The nodes run with
+// net_ticktime 5 s, what the relay of issue 16 asks of a cluster (60 s is
+// Erlang's default). One cluster serves every subtest: starting it takes
+// ~20 s.
 //
 //	NodeKill:      SIGKILL the node the relay consumes from, mid-stream,
-//	               and start it again 5 s later;
-//	LeaderKill:    the same for the quorum queue's leader, on another node
-//	               than the relay's;
+//	               start it again 5 s later; three times, each time the
+//	               relay's node of the moment, one stream each;
+//	LeaderKill:    the same, once, for the quorum queue's leader, on
+//	               another node than the relay's;
+//	NodeHang:      SIGSTOP the relay's node for 30 s, then SIGCONT;
 //	DeliveryLimit: a relay SIGKILLed with a message in flight, again and
 //	               again, spends amqp.delivery_limit and the queue itself
 //	               dead-letters the message (x-death reason delivery_limit);
@@ -29,11 +34,56 @@ import (
 //	               queue watch, when the broker sends none), then one new
 //	               session that redeclares it, no reconnect storm.
 //
-// Both kills check every message arrives once at least, in order per
-// channel, and print what the failover cost: duplicates, and the time the
-// relay consumed nothing.
+// Every failover streams 2,000 msg/s over 100 channels through a node that
+// is not the victim, and checks per channel at the subscribers (issue 16):
+// 0 lost, 0 reordered (a message seen for the first time after a later one
+// of its channel), 0 duplicates beyond the producer's own re-sends, and
+// browsers without a message for at most 10 s (issue 16's target for a
+// hung node: the quorum queue's own leader election plus 2 s, ≤ 10 s in
+// all; a kill must not cost more). Each run prints the browsers' gap and
+// the relay's time without consuming.
+//
+// Why the issue-10 version of this test passed while issue 16 measured
+// broken order and duplicates. Read from its code, and from one run of this
+// version against the relay of e89b89c (2026-12-08, 2 vCPUs shared with
+// other sessions' tests; /tmp/cluster-old.log at the time):
+//
+//  1. Duplicates were excused. It failed only on dups > redelivered +
+//     resent, so a redelivered copy of a message Nginx had taken was never
+//     the relay's fault: on e89b89c, NodeKill/nchan run 1 had 37 duplicates
+//     for 41 redelivered, NodeHang/pushstream 72 for 2,094; both passed that
+//     rule. Now only the producer's own re-sends (Broker.Resent) are excused.
+//  2. It had no hang. The relay's node SIGSTOPped for 30 s cost the browsers
+//     15.8 s (Nchan) and 15.7 s (Push Stream) on e89b89c: the heartbeat
+//     noticed after ~15 s. Now NodeHang asserts issue 16's 10 s.
+//  3. The subscriber check was not the reason: CheckExcept fails on a
+//     message first seen after a later one of its channel ("got 81 after
+//     79: messages 80..80 missing or out of order") and counts as a
+//     duplicate only a copy of one already seen, so a late redelivery of a
+//     message never seen is a failure, not a duplicate. But it stops at a
+//     channel's first fault and waitAll then waits its whole 90 s; this
+//     test counts lost, reordered and duplicated messages on every channel
+//     (cluster_order_test.go) and waits only while messages still come.
+//  4. Little was in flight at its kill. The producer sends one message per
+//     channel every 50 ms (a round of 100 at 2,000 msg/s), and the relay
+//     publishes a message within milliseconds, so at the kill the relay held
+//     at most the last round, one message per channel: redelivered was at
+//     most 100 in every run in BENCHMARKS.md and 16-100 in the six kills of
+//     the run above. A reorder needs the broker to hand the new session a
+//     later message of a channel before it returns the one the dead session
+//     held; issue 16's examples (75-80 redelivered after 81-84) had six
+//     rounds held. Its kill was also always a kill of the queue's leader
+//     (the queue is declared, and its leader placed, on the node the relay
+//     connects to); here the second and third kills often hit the relay's
+//     node with the leader elsewhere (three of the six in the run above).
+//     In that run no message came out of order, on either module, in any
+//     of the 10 failovers: the order checks are in place, but on a quiet
+//     enough machine the old relay does not break order at this pace, and
+//     the test then fails on e89b89c through 1 and 2 only. The prefetch is
+//     now the shipped 2048 (it was the harness's 1024), which bounds what
+//     can come back late, not what is in flight at this pace.
 func TestCluster(t *testing.T) {
-	c := startCluster(t, 3)
+	c := startCluster(t, 3, clusterOptions{NetTicktime: clusterTicktime, PartitionHandling: "pause_minority"})
 	// The first relay creates pushrelay.dead, and NodeKill then kills the
 	// node it was connected to: a classic pushrelay.dead would live there
 	// alone and fail every session setup until the node is back.
@@ -43,18 +93,16 @@ func TestCluster(t *testing.T) {
 		}
 	}()
 	var figures []string
-	for _, run := range []struct {
-		name   string
-		victim func(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode
-	}{
-		{"NodeKill", func(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode { return relay }},
-		{"LeaderKill", leaderAwayFrom},
-	} {
+	for _, run := range clusterRuns {
 		t.Run(run.name, func(t *testing.T) {
 			eachModule(t, func(t *testing.T, m stack.Module) {
+				if run.modules != nil && !slices.Contains(run.modules, m) {
+					t.Skipf("%s runs on %v only, to keep the test short", run.name, run.modules)
+				}
 				// A queue per module: the second run must not find the first's.
-				f := clusterFailover(t, c.on(t), m, "it-cl-"+strings.ToLower(run.name)+"-"+string(m), run.victim)
-				figures = append(figures, fmt.Sprintf("%s on %s: %s", run.name, m, f))
+				for _, f := range clusterFailover(t, c.on(t), m, "it-cl-"+strings.ToLower(run.name)+"-"+string(m), run) {
+					figures = append(figures, fmt.Sprintf("%s on %s: %s", run.name, m, f))
+				}
 			})
 		})
 	}
@@ -62,6 +110,132 @@ func TestCluster(t *testing.T) {
 	t.Run("Cancel", func(t *testing.T) { testQueueDeletedUnderRelay(t, c.on(t)) })
 	for _, f := range figures {
 		t.Log(f)
+	}
+}
+
+// clusterTicktime is the test cluster's net_ticktime (s), with
+// cluster_partition_handling pause_minority: what the README asks of a
+// production cluster, so that a member that hangs costs seconds.
+const clusterTicktime = 5
+
+// clusterRun is one kind of failover.
+type clusterRun struct {
+	name       string
+	faults     int // how many, one stream each, in one test
+	perChannel int // messages per channel in each stream, at 2,000 msg/s over 100 channels
+	victim     func(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode
+	inject     func(t *testing.T, c *rabbitCluster, r *clusterRelay, victim *rabbitNode, ngx *Nginx, run int)
+	// maxGap, if set, bounds the time the browsers get nothing; every run
+	// must get them messages again before a hung node resumes.
+	maxGap time.Duration
+	// modules it runs on; nil: every module.
+	modules []stack.Module
+}
+
+var clusterRuns = []clusterRun{
+	{name: "NodeKill", faults: 3, perChannel: 200, victim: relaysNode, inject: killFor5s, maxGap: maxBrowserGap},
+	{name: "LeaderKill", faults: 1, perChannel: 200, victim: leaderAwayFrom, inject: killFor5s, maxGap: maxBrowserGap},
+	// 900 rounds are 45 s: the hang and 12 s after it. What a hang costs
+	// depends on where the queue's leader is, so three runs:
+	//	NodeHang:          the relay's node, the leader elsewhere: what the
+	//	                   relay itself adds (issue 16's target, 10 s);
+	//	LeaderHang:        the leader, the relay elsewhere: the quorum
+	//	                   queue's own election, which the relay cannot beat;
+	//	NodeAndLeaderHang: the relay's node leading the queue: both.
+	{name: "NodeHang", faults: 1, perChannel: 900, victim: relaysNodeNotLeading, inject: hangFor30s, maxGap: maxBrowserGap},
+	{name: "LeaderHang", faults: 1, perChannel: 900, victim: leaderAwayFrom, inject: hangFor30s,
+		modules: []stack.Module{stack.Nchan}},
+	{name: "NodeAndLeaderHang", faults: 1, perChannel: 900, victim: relaysNodeLeading, inject: hangFor30s,
+		modules: []stack.Module{stack.Nchan}},
+}
+
+func relaysNode(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode {
+	return relay
+}
+
+// relaysNodeNotLeading is the relay's node, once the queue's leader is on
+// another one.
+func relaysNodeNotLeading(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode {
+	leaderAwayFrom(t, c, relay, queue)
+	return relay
+}
+
+// relaysNodeLeading is the relay's node, which leads the queue: the queue
+// is declared, and its leader placed, on the node the relay first
+// connects to. A test whose leader moved says so and skips.
+func relaysNodeLeading(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode {
+	if leader := c.Leader(queue); leader != relay {
+		t.Skipf("the relay is on %s and %s leads %s: not the case this run is for", relay.Name, leader.Name, queue)
+	}
+	return relay
+}
+
+// killFor5s SIGKILLs victim and starts it again 5 s later. Before it is
+// back the relay must consume through a node that survived, not wait for
+// its own to return.
+//
+// The third kill comes while Nginx stalls for half a second (frozen with
+// SIGSTOP): the relay then holds a whole prefetch window of messages it
+// has not published, some of them already on their way to Nginx, and the
+// broker holds more for it. This is where a relay that drops what it held
+// and waits for the broker's redeliveries breaks order (the broker may
+// hand the new session later messages first) and pushes duplicates (what
+// the stalled Nginx took after all comes again).
+func killFor5s(t *testing.T, c *rabbitCluster, r *clusterRelay, victim *rabbitNode, ngx *Nginx, run int) {
+	if run == 3 {
+		// Well within push.timeout (10 s here; see clusterFailover).
+		thaw := freezeNginx(t, ngx)
+		time.Sleep(500 * time.Millisecond)
+		c.Kill(victim)
+		time.Sleep(100 * time.Millisecond)
+		thaw()
+	} else {
+		c.Kill(victim)
+	}
+	killed := time.Now()
+	time.Sleep(5 * time.Second)
+	if now := r.node(c); now == victim || r.Metric("pushrelay_amqp_connected") != 1 {
+		t.Errorf("5 s after %s was killed the relay is not consuming through another node (its latest session: %s, amqp_connected %v)",
+			victim.Name, now.Name, r.Metric("pushrelay_amqp_connected"))
+	}
+	c.Restart(victim)
+	t.Logf("%s back %v after the kill", victim.Name, time.Since(killed).Round(100*time.Millisecond))
+}
+
+// hangFor30s freezes victim for 30 s (SIGSTOP), then resumes it. At the
+// end of the subtest, pass or fail, the node is resumed (Stop's cleanup,
+// which runs first) and, if the hang left the cluster partitioned,
+// restarted (Heal).
+func hangFor30s(t *testing.T, c *rabbitCluster, r *clusterRelay, victim *rabbitNode, _ *Nginx, _ int) {
+	t.Cleanup(func() { c.Heal(victim) })
+	relayOn := r.node(c)
+	c.Stop(victim)
+	stopped := time.Now()
+	var moved, unready time.Time
+	for time.Since(stopped) < 30*time.Second {
+		if moved.IsZero() && r.sessions() > 0 && r.node(c) != victim && r.Metric("pushrelay_amqp_connected") == 1 &&
+			r.Metric("pushrelay_amqp_standby") != 1 {
+			moved = time.Now()
+		}
+		if code, _ := readyz(t, r.RelayProc); unready.IsZero() && code != 200 {
+			unready = time.Now()
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c.Cont(victim)
+	switch {
+	case victim != relayOn:
+		// The relay's own node answers; it has nothing to do but wait.
+	case unready.IsZero():
+		t.Errorf("/readyz said 200 throughout the 30 s its node hung")
+	case unready.Sub(stopped) > 5*time.Second:
+		t.Errorf("/readyz said 200 for %v after its node hung (the ping drops a node silent for 3 s)", unready.Sub(stopped).Round(100*time.Millisecond))
+	}
+	if victim == relayOn && moved.IsZero() {
+		t.Errorf("%s resumed after 30 s; the relay did not consume through another node meanwhile", victim.Name)
+	} else if victim == relayOn {
+		t.Logf("%s resumed after 30 s; /readyz 503 %v and the relay the active consumer through %s %v into the hang", victim.Name,
+			unready.Sub(stopped).Round(100*time.Millisecond), r.node(c).Name, moved.Sub(stopped).Round(100*time.Millisecond))
 	}
 }
 
@@ -159,84 +333,112 @@ func leaderAwayFrom(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue str
 	return leader
 }
 
-// failover is what one kill cost.
+// failover is what one fault cost.
 type failover struct {
-	victim          string
+	run             int // 1.. within the test
+	victim, leader  string
+	relayOn         string
 	disconnected    time.Duration // pushrelay_amqp_connected 0, sampled every 100 ms
 	stalled         time.Duration // longest time received_total did not grow
 	browsersStalled time.Duration // longest gap between any two arrivals at subscribers
-	dups, resent    int
+	seen            orderCount    // at the subscribers
+	resent          int
 	redelivered     float64
-	sessions        int
+	sessions        int // new sessions during the run
 }
 
 func (f failover) String() string {
-	return fmt.Sprintf("killed %s; not consuming %v (disconnected %v), browsers got nothing for %v; %d duplicates, %v redelivered, %d re-sent by the producer, %d sessions",
-		f.victim, f.stalled, f.disconnected, f.browsersStalled, f.dups, f.redelivered, f.resent, f.sessions)
+	return fmt.Sprintf("run %d: relay on %s, leader %s, victim %s; %v (producer re-sent %d); browsers got nothing for %v, relay not consuming %v (disconnected %v); %v redelivered, %d new sessions",
+		f.run, f.relayOn, f.leader, f.victim, f.seen, f.resent, f.browsersStalled.Round(10*time.Millisecond),
+		f.stalled.Round(10*time.Millisecond), f.disconnected.Round(10*time.Millisecond), f.redelivered, f.sessions)
 }
 
-// clusterFailover streams 20,000 messages over 100 channels at 2,000 msg/s
-// through a node that is neither the relay's nor the victim, SIGKILLs the
-// victim 3 s in and starts it again 5 s later.
-func clusterFailover(t *testing.T, c *rabbitCluster, m stack.Module, host string,
-	victimOf func(t *testing.T, c *rabbitCluster, relay *rabbitNode, queue string) *rabbitNode) failover {
+// maxBrowserGap is issue 16's target for what the relay adds when its own
+// node hangs (the quorum queue's own leader election, when the leader
+// hangs too, is the broker's: LeaderHang prints it).
+const maxBrowserGap = 10 * time.Second
+
+// clusterFailover starts Nginx with module m, 100 subscribers and a relay
+// with the shipped prefetch, then run.faults times: streams run.perChannel
+// messages per channel at 2,000 msg/s through a node that is not the
+// victim, injects the fault 3 s in, and checks what the subscribers got.
+func clusterFailover(t *testing.T, c *rabbitCluster, m stack.Module, host string, run clusterRun) []failover {
 	host = uniqueHost(host)
 	ngx := startNginxModule(t, m)
-	r := startClusterRelay(t, c, RelayOptions{Host: host, Publish: ngx.PublishURL(), Dialect: m.Dialect()}, false)
-	consuming := time.Now()
-	relayNode := r.node(c)
-	victim := victimOf(t, c, relayNode, r.queue)
-	var producer *rabbitNode
-	for _, n := range c.Nodes {
-		if n != victim && (producer == nil || producer == relayNode) {
-			producer = n
-		}
-	}
-	t.Logf("relay on %s, leader %s, producer on %s, victim %s", relayNode.Name, c.Leader(r.queue).Name, producer.Name, victim.Name)
-	b := newBrokerAt(t, producer.URL())
-	b.Exchange = r.exchange
-
+	// push.timeout 10 s: NodeKill's third run stalls Nginx, and a request
+	// Nginx answers after push.timeout is sent again, reaching browsers
+	// twice if Nginx took it after all (README, "Failures"): a source of
+	// duplicates of its own, not the broker fault's.
+	r := startClusterRelay(t, c, RelayOptions{Host: host, Publish: ngx.PublishURL(), Dialect: m.Dialect(), Prefetch: 2048,
+		PushTimeout: "10s"}, false)
 	chans := channels(host, 100)
 	subs := subscribeAll(t, ngx, chans, kindsOn(m)...)
-	// The session is older than the relay's minHealthySession (5 s) at
-	// the kill, as in production: a younger one's loss backs off first.
-	time.Sleep(time.Until(consuming.Add(3 * time.Second)))
 	s := sampleRelay(r.RelayProc)
-	const perChannel, rate = 200, 2000
-	began := time.Now()
-	wait := streamPublish(b, chans, perChannel, rate)
-	time.Sleep(3 * time.Second)
-	c.Kill(victim)
-	killed := time.Now()
-	time.Sleep(5 * time.Second)
-	// Before the victim is back the relay must consume through a node
-	// that survived, not wait for its own to return.
-	if now := r.node(c); now == victim || r.Metric("pushrelay_amqp_connected") != 1 {
-		t.Errorf("5 s after %s was killed the relay is not consuming through another node (its latest session: %s, amqp_connected %v)",
-			victim.Name, now.Name, r.Metric("pushrelay_amqp_connected"))
+	defer s.stop()
+	const rate = 2000
+	var out []failover
+	last := 0 // the last message of every channel published so far
+	for i := 1; i <= run.faults; i++ {
+		relayNode := r.node(c)
+		victim := run.victim(t, c, relayNode, r.queue)
+		c.waitNotQuorumCritical(victim, 60*time.Second)
+		var producer *rabbitNode
+		for _, n := range c.Nodes {
+			if n != victim && (producer == nil || producer == relayNode) {
+				producer = n
+			}
+		}
+		f := failover{run: i, victim: victim.Name, leader: c.Leader(r.queue).Name, relayOn: relayNode.Name}
+		t.Logf("run %d: relay on %s, leader %s, producer on %s, victim %s", i, f.relayOn, f.leader, producer.Name, victim.Name)
+		b := newBrokerAt(t, producer.URL())
+		b.Exchange = r.exchange
+		// The session is older than the relay's minHealthySession (5 s) at
+		// the fault, as in production: a younger one's loss backs off first.
+		waitSessionAge(t, r, 2*time.Second, 30*time.Second)
+		sessions, redelivered := r.sessions(), r.Metric("pushrelay_messages_redelivered_total")
+		lo, hi := last+1, last+run.perChannel
+		began := time.Now()
+		wait := streamRange(b, chans, lo, hi, rate)
+		time.Sleep(3 * time.Second)
+		if at := sessionStart(r); time.Since(at) < 5*time.Second {
+			t.Logf("the relay's session is %v old at the fault", time.Since(at).Round(100*time.Millisecond))
+		}
+		run.inject(t, c, r, victim, ngx, i)
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+		f.seen = waitRun(subs, lo, hi, 90*time.Second, 15*time.Second)
+		ended := time.Now()
+		f.stalled, f.disconnected = s.stall(began, ended)
+		f.browsersStalled = arrivalGap(subs, began, ended)
+		f.resent = b.Resent
+		f.redelivered = r.Metric("pushrelay_messages_redelivered_total") - redelivered
+		f.sessions = r.sessions() - sessions
+		last = hi
+		t.Logf("%s on %s, %s", run.name, m, f)
+		if f.seen.lost > 0 || f.seen.reordered > 0 || f.seen.foreign > 0 {
+			t.Errorf("run %d (%s killed or hung; relay on %s, leader %s): %d lost, %d reordered, %d not ours, e.g. %s",
+				i, f.victim, f.relayOn, f.leader, f.seen.lost, f.seen.reordered, f.seen.foreign, strings.Join(f.seen.examples, "; "))
+		}
+		if f.seen.dups > f.resent {
+			t.Errorf("run %d: %d duplicates at the subscribers, more than the %d messages the producer re-sent (%v redelivered): the relay pushed a copy of what Nginx had taken",
+				i, f.seen.dups, f.resent, f.redelivered)
+		}
+		if run.maxGap > 0 && f.browsersStalled > run.maxGap {
+			t.Errorf("run %d: browsers got nothing for %v (the relay consumed nothing for %v), over issue 16's %v",
+				i, f.browsersStalled.Round(10*time.Millisecond), f.stalled.Round(10*time.Millisecond), run.maxGap)
+		}
+		if f.browsersStalled > 25*time.Second {
+			t.Errorf("run %d: browsers got nothing for %v: the relay waited for the fault to end",
+				i, f.browsersStalled.Round(10*time.Millisecond))
+		}
+		if f.sessions > 3 {
+			t.Errorf("run %d: %d new sessions for one fault: a reconnect storm\n%s", i, f.sessions, warnings(r, 20))
+		}
+		out = append(out, f)
 	}
-	c.Restart(victim)
-	t.Logf("%s back %v after the kill", victim.Name, time.Since(killed).Round(100*time.Millisecond))
-	if err := wait(); err != nil {
-		t.Fatal(err)
-	}
-	f := failover{victim: victim.Name, dups: waitAll(t, subs, perChannel, 90*time.Second), resent: b.Resent}
-	ended := time.Now()
-	s.stop()
-	f.stalled, f.disconnected = s.stall(began, ended)
-	f.browsersStalled = arrivalGap(subs, began, ended)
-	f.redelivered = r.Metric("pushrelay_messages_redelivered_total")
-	f.sessions = r.sessions()
-	t.Logf("%s on %s: %s", host, m, f)
 	logSessions(t, r)
-	if float64(f.dups) > f.redelivered+float64(f.resent) {
-		t.Errorf("%d duplicates, more than the %v redeliveries and %d producer resends: the relay published something twice on its own",
-			f.dups, f.redelivered, f.resent)
-	}
-	if f.sessions > 4 {
-		t.Errorf("%d sessions for one node kill: a reconnect storm", f.sessions)
-	}
-	return f
+	return out
 }
 
 // logSessions logs the relay's sessions and warnings.

@@ -28,6 +28,7 @@ type RelayConfig struct {
 	Connections int    // default 4
 	Pipeline    int    // default 16
 	MaxBody     int    // default 32768
+	PushTimeout string // [push] timeout; default "2s"
 	Probes      string // the [probes] table's keys; default "enabled = false"
 	AMQP        string // more [amqp] keys, e.g. heartbeat = "5s"
 	Push        string // more [push] keys, e.g. retry_budget = "3s"
@@ -60,7 +61,7 @@ dialect = %q
 url = %q
 connections = %d
 pipeline = %d
-timeout = "2s"
+timeout = %q
 retry_max = "500ms"
 max_body = %d
 %s
@@ -72,7 +73,7 @@ format = "text"
 [probes]
 %s
 %s`, c.Host, c.StateDir, amqpURLKey(c.AMQPURL), c.Exchange, queue, def(c.Prefetch, 1024), c.AMQP, cmp.Or(c.Dialect, "nchan"), c.Publish, def(c.Connections, 4), def(c.Pipeline, 16),
-		def(c.MaxBody, 32768), c.Push, metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
+		cmp.Or(c.PushTimeout, "2s"), def(c.MaxBody, 32768), c.Push, metricsAddr, cmp.Or(c.Probes, "enabled = false"), c.Extra)
 }
 
 // amqpURLKey renders the broker as amqp.url, or as amqp.urls for a

@@ -40,6 +40,10 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 				http.StatusServiceUnavailable)
 			return
 		}
+		if why := r.persistErr.Load(); why != nil {
+			http.Error(w, "config not yet applied: "+*why, http.StatusServiceUnavailable)
+			return
+		}
 		if why := r.unapplied.Load(); why != nil {
 			http.Error(w, "config not yet applied: "+*why, http.StatusServiceUnavailable)
 			return

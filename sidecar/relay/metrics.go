@@ -26,6 +26,7 @@ type relayMetrics struct {
 	duplicates    *metrics.Counter
 	dead          map[string]*metrics.Counter // by reason
 	reconnects    *metrics.Counter
+	stateWrites   *metrics.Counter
 	reloadsOK     *metrics.Counter
 	reloadsFailed *metrics.Counter
 	publish       publish.Metrics
@@ -39,6 +40,8 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		redelivered: reg.Counter("pushrelay_messages_redelivered_total", "Deliveries flagged redelivered by RabbitMQ: possible duplicates after a reconnect or restart."),
 		duplicates: reg.Counter("pushrelay_messages_duplicates_skipped_total",
 			"Redelivered messages acked without a publish, because Nginx took them before the session that held them was lost."),
+		stateWrites: reg.Counter("pushrelay_state_writes_total",
+			"Attempts to write the drain state file (state_dir/drains.json): one per change of the draining shards, and one a second while a write fails."),
 		reconnects:    reg.Counter("pushrelay_amqp_reconnects_total", "AMQP sessions opened after the first."),
 		reloadsOK:     reg.Counter(`pushrelay_config_reloads_total{result="success"}`, "Config reloads by result."),
 		reloadsFailed: reg.Counter(`pushrelay_config_reloads_total{result="failure"}`, "Config reloads by result."),
@@ -100,8 +103,8 @@ func newMetrics(reg *telemetry.Registry, r *Relay) relayMetrics {
 		func() float64 { return float64(r.shardsOwned.Load()) })
 	reg.Gauge("pushrelay_shards_draining", "Shards moved away and still bound until their drain ends.",
 		func() float64 { return float64(r.shardsDraining.Load()) })
-	reg.Gauge("pushrelay_config_applied", "1 when the last accepted config is fully in force (publisher, session, bindings); 0 while the relay works on the difference (the log says why).",
-		func() float64 { return b2f(r.unapplied.Load() == nil) })
+	reg.Gauge("pushrelay_config_applied", "1 when the last accepted config is fully in force (publisher, session, bindings, the drain state saved); 0 while the relay works on the difference (the log and /readyz say why).",
+		func() float64 { return b2f(r.unapplied.Load() == nil && r.persistErr.Load() == nil) })
 	reg.Gauge("pushrelay_config_last_reload_successful", "1 if the last config reload was applied, 0 if it was refused.",
 		func() float64 { return b2f(r.lastReloadOK.Load()) })
 	reg.Gauge("pushrelay_config_last_reload_success_timestamp_seconds", "Unix time of the last applied config.",

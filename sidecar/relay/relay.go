@@ -133,9 +133,12 @@ type Relay struct {
 	bound     map[int]bool      // shards bound on the queue: owned + draining
 	draining  map[int]time.Time // shard → when its binding goes
 	statePath string            // the drain state file; "" keeps none
-	warn      *rateLimiter
-	now       int64 // unix ns, read at every tick: a delivery's arrival, to the tick
-	pubState  publish.State
+	state     *stateWriter      // writes it, while Run runs
+	// persistErr: why the drain state is not saved; nil when it is.
+	persistErr atomic.Pointer[string]
+	warn       *rateLimiter
+	now        int64 // unix ns, read at every tick: a delivery's arrival, to the tick
+	pubState   publish.State
 	// pending is the work a reload left to do once nothing is in flight
 	// (a publisher rebuild, a reconnect). It outlives a session: a drop
 	// before it ran must not lose it; it is then run with a nil session.
@@ -293,6 +296,11 @@ func (r *Relay) checkReload(prev, next config.Config) error {
 // unacked, and the broker delivers it again.
 func (r *Relay) Run(ctx context.Context) error {
 	r.settles = make(chan publish.Settlement, 4*r.cfg.AMQP.Prefetch)
+	if r.statePath != "" {
+		r.state = newStateWriter(r, r.statePath, r.cfg.AMQP.Queue)
+		go r.state.run()
+		defer r.state.close()
+	}
 	if err := r.startPool(); err != nil {
 		return err
 	}

@@ -148,11 +148,10 @@ func (r *Relay) moveShards(sess *consume.Session, owned []int, drain time.Durati
 			r.draining[s] = until
 		}
 	}
-	// The state file first: the gauge must not say draining before a
-	// restart would still know it.
+	// The draining gauge moves once the state file says so (saveDrains):
+	// it must not say draining before a restart would still know it.
 	r.saveDrains()
 	r.shardsOwned.Store(int64(len(owned)))
-	r.shardsDraining.Store(int64(len(r.draining)))
 	if sess != nil && sess.Bound() && len(gained) > 0 {
 		// Owned already says the new map; until every bind is done the
 		// broker routes the gained shards elsewhere: not applied yet.
@@ -176,6 +175,12 @@ func (r *Relay) expireDrains(sess *consume.Session) error {
 		return nil
 	}
 	now := time.Now()
+	ended := 0
+	defer func() {
+		if ended > 0 { // written once per change, not per tick
+			r.saveDrains()
+		}
+	}()
 	for s, until := range r.draining {
 		if now.Before(until) {
 			continue
@@ -189,21 +194,20 @@ func (r *Relay) expireDrains(sess *consume.Session) error {
 		}
 		delete(r.bound, s)
 		delete(r.draining, s)
+		ended++
 	}
-	r.shardsDraining.Store(int64(len(r.draining)))
-	r.saveDrains()
 	return nil
 }
 
-// saveDrains records the drains in the state file, so that a restart keeps
-// them; without it a restart unbinds them at once.
+// saveDrains has the state writer record the drains, so that a restart
+// keeps them; without a state file a restart unbinds them at once. Called
+// only when the drains changed.
 func (r *Relay) saveDrains() {
-	if r.statePath == "" {
+	if r.state == nil {
+		r.shardsDraining.Store(int64(len(r.draining)))
 		return
 	}
-	if err := drainstate.Save(r.statePath, r.cfg.AMQP.Queue, r.draining); err != nil && r.warn.allow("drain state") {
-		r.log.Warn("drains will not survive a restart", "err", err, "suppressed_since_last", r.warn.suppressed("drain state"))
-	}
+	r.state.Save(r.draining)
 }
 
 // restoreDrains keeps bound, until their deadlines, the shards a previous

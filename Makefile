@@ -7,7 +7,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/pushrelay/pushrelay/sidecar/version.Version=$(VERSION)
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: all build deps test unit integration demo bench vet fmt clean fuzz
+.PHONY: all build deps test unit integration demo bench vet fmt clean fuzz mutants-check
 
 all: build
 
@@ -29,9 +29,15 @@ integration: deps build
 
 # -p 1: the integration tests close every AMQP connection on the broker and
 # the probe tests count the host's TCP connections; packages must not overlap.
-test: deps vet build
+test: deps vet build mutants-check
 	PUSHRELAY_BIN=$(CURDIR)/bin/pushrelay $(GO) test -p 1 -count=1 -timeout 40m ./...
 	$(MAKE) --no-print-directory fuzz FUZZTIME=200000x
+
+# Every mutant under scripts/mutants/ still applies, builds and names
+# tests that exist: a change to the code must carry its mutants along.
+# (scripts/mutants.sh without -check runs them, which takes an hour.)
+mutants-check:
+	@bash scripts/mutants.sh -check
 
 # Fuzz targets of the code that reads outside input, as package:target
 # (go test -fuzz takes one of each per run). make test runs each for

@@ -441,3 +441,33 @@ func TestStaleMessagesExpire(t *testing.T) {
 		}
 	})
 }
+
+// A publisher that refuses a few channels (a location rule, an allow list
+// per channel) while it takes the others is misconfigured: those channels'
+// messages wait, /readyz says so, nothing is dead-lettered. Three channels
+// refused alike within 10 s make the fault the publisher's
+// (publish.misconfiguredChannels); here four are.
+func TestPublisherRefusingSomeChannelsIsMisconfigured(t *testing.T) {
+	eachModule(t, func(t *testing.T, m stack.Module) {
+		o := RelayOptions{Push: `retry_budget = "2s"`}
+		p, _ := faultPipeline(t, m, "it-refusing-some", "300s", `if ($arg_id ~ "^refused") { return 403; }`, o)
+		p.broker.Drain("pushrelay.dead")
+		refused, taken := channels("refused", 4), channels("taken", 16)
+		subs := subscribeAll(t, p.nginx, taken, EventSource)
+		const perChannel = 10
+		publishRounds(p.broker, append(refused, taken...), perChannel)
+		waitAll(t, subs, perChannel, 30*time.Second)
+		waitFor(t, "/readyz to name the 403", 15*time.Second, func() bool {
+			code, body := readyz(t, p.relay)
+			return code == 503 && strings.Contains(body, "misconfigured") && strings.Contains(body, "403")
+		})
+		time.Sleep(6 * time.Second) // past the 5 s grace of a refusal that looks like the message's fault
+		if dead := ownDeadLetters(p.broker, "pushrelay."+p.host); len(dead) != 0 {
+			t.Fatalf("%d messages of the refused channels dead-lettered while the publisher refused 4 channels alike (first: %v)",
+				len(dead), dead[0].Headers)
+		}
+		if got := p.relay.Metric("pushrelay_messages_in_flight"); got != float64(len(refused)*perChannel) {
+			t.Errorf("%v messages in flight, want the refused channels' %d waiting", got, len(refused)*perChannel)
+		}
+	})
+}

@@ -14,6 +14,10 @@
 # tests), SURVIVED when every test passes. A patch that no longer applies
 # to HEAD is reported as STALE: regenerate it against the current code.
 #
+# -check only checks that every patch still applies to the working tree,
+# builds, and names tests that exist, and exits 1 if one does not: make test
+# runs it, so that a change to the code carries its mutants along.
+#
 # -k keeps the worktrees and logs; -no-baseline trusts that the tests pass
 # on HEAD (faster, but a test broken on HEAD then "catches" everything);
 # -clean runs the tests as committed (from a worktree of HEAD) rather than
@@ -24,20 +28,49 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export PATH=/usr/local/go/bin:$PATH
 
-keep=0 baseline=1 clean=0
+keep=0 baseline=1 clean=0 check=0
 names=()
 for a in "$@"; do
 	case $a in
+	-check) check=1 ;;
 	-k) keep=1 ;;
 	-no-baseline) baseline=0 ;;
 	-clean) clean=1 ;;
-	-h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,25p' "$0"; exit 0 ;;
 	-*) echo "unknown flag $a" >&2; exit 2 ;;
 	*) names+=("$a") ;;
 	esac
 done
 if [ ${#names[@]} -eq 0 ]; then
 	for p in scripts/mutants/*.patch; do names+=("$(basename "$p" .patch)"); done
+fi
+
+if [ $check = 1 ]; then
+	# Against the working tree as it is (what make test tests), in a copy
+	# of it: git stash would touch the developer's own edits.
+	bad=0
+	tmp=$(mktemp -d /tmp/pushrelay-mutants-check.XXXXXX)
+	trap 'rm -rf "$tmp"' EXIT
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tmp" 2>/dev/null || true
+	tests=$(grep -rhoE '^func (Test[A-Za-z0-9_]+)' integration/*_test.go | sed 's/^func //' | sort -u)
+	for n in "${names[@]}"; do
+		p=$root/scripts/mutants/$n.patch
+		if ! (cd "$tmp" && git apply --check "$p" 2>"$tmp/.apply"); then
+			echo "STALE    $n: no longer applies; regenerate it against the current code: $(head -1 "$tmp/.apply")"
+			bad=1
+			continue
+		fi
+		(cd "$tmp" && git apply "$p")
+		(cd "$tmp" && go build ./sidecar/... >"$tmp/.build" 2>&1) || { echo "BROKEN   $n: does not build: $(head -1 "$tmp/.build")"; bad=1; }
+		(cd "$tmp" && git apply -R "$p")
+		regex=$(sed -n 's/^# tests: *//p' "$p" | head -1)
+		[ -n "$regex" ] || { echo "NO TESTS $n: no '# tests:' line"; bad=1; continue; }
+		for t in $(echo "$regex" | tr '|' ' '); do
+			grep -qx "${t%%/*}" <<<"$tests" || { echo "NO TEST  $n: names $t, which integration/ does not have"; bad=1; }
+		done
+		echo "ok       $n"
+	done
+	exit $bad
 fi
 
 work=$(mktemp -d /tmp/pushrelay-mutants.XXXXXX)

@@ -454,20 +454,26 @@ func TestPublisherRefusingSomeChannelsIsMisconfigured(t *testing.T) {
 		p.broker.Drain("pushrelay.dead")
 		refused, taken := channels("refused", 4), channels("taken", 16)
 		subs := subscribeAll(t, p.nginx, taken, EventSource)
-		const perChannel = 10
-		publishRounds(p.broker, append(refused, taken...), perChannel)
-		waitAll(t, subs, perChannel, 30*time.Second)
-		waitFor(t, "/readyz to name the 403", 15*time.Second, func() bool {
+		// The taken channels keep getting 2xx throughout (12 s): the
+		// refusals must count as the publisher's fault beside them, not
+		// only once nothing but 4xx is left.
+		const perChannel, rate = 60, 80
+		wait := streamPublish(p.broker, taken, perChannel, rate)
+		publishRounds(p.broker, refused, 10)
+		waitFor(t, "/readyz to name the 403 while other channels are published", 6*time.Second, func() bool {
 			code, body := readyz(t, p.relay)
 			return code == 503 && strings.Contains(body, "misconfigured") && strings.Contains(body, "403")
 		})
-		time.Sleep(6 * time.Second) // past the 5 s grace of a refusal that looks like the message's fault
+		if err := wait(); err != nil {
+			t.Fatal(err)
+		}
+		waitAll(t, subs, perChannel, 30*time.Second)
 		if dead := ownDeadLetters(p.broker, "pushrelay."+p.host); len(dead) != 0 {
 			t.Fatalf("%d messages of the refused channels dead-lettered while the publisher refused 4 channels alike (first: %v)",
 				len(dead), dead[0].Headers)
 		}
-		if got := p.relay.Metric("pushrelay_messages_in_flight"); got != float64(len(refused)*perChannel) {
-			t.Errorf("%v messages in flight, want the refused channels' %d waiting", got, len(refused)*perChannel)
+		if got := p.relay.Metric("pushrelay_messages_in_flight"); got != float64(len(refused)*10) {
+			t.Errorf("%v messages in flight, want the refused channels' %d waiting", got, len(refused)*10)
 		}
 	})
 }

@@ -120,8 +120,8 @@ func waitRun(subs []*Subscriber, lo, hi int, timeout, quiet time.Duration) (tota
 
 // streamRange publishes messages lo..hi of every channel, round by round,
 // at about rate messages/s in total, from its own goroutine; the returned
-// function waits for it to finish and reports its error. It is
-// streamPublish starting at lo: one set of subscribers serves several runs.
+// function waits for it to finish and reports its error. Starting past 1,
+// one set of subscribers serves several runs.
 func streamRange(b *Broker, chans []string, lo, hi int, rate int) (wait func() error) {
 	var (
 		wg  sync.WaitGroup

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -121,24 +120,7 @@ func waitAllExcept(t *testing.T, subs []*Subscriber, want int, timeout time.Dura
 // rate messages/s in total, from its own goroutine; the returned function
 // waits for it to finish and reports its error.
 func streamPublish(b *Broker, chans []string, perChannel int, rate int) (wait func() error) {
-	var (
-		wg  sync.WaitGroup
-		err error
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		interval := time.Duration(len(chans)) * time.Second / time.Duration(rate)
-		next := time.Now()
-		for seq := 1; seq <= perChannel; seq++ {
-			if err = b.Publish(seqMsgs(chans, seq)...); err != nil {
-				return
-			}
-			next = next.Add(interval)
-			time.Sleep(time.Until(next))
-		}
-	}()
-	return func() error { wg.Wait(); return err }
+	return streamRange(b, chans, 1, perChannel, rate)
 }
 
 // Issue 2, test 1: 10,000 messages over 100 channels reach EventSource,

@@ -62,7 +62,7 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 			}
 			// Returns when the broker answers or the connection closes,
 			// which Close does before waiting for this goroutine.
-			_, err := ch.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
+			q, err := ch.QueueDeclarePassive(s.opts.Queue, true, false, false, false, nil)
 			var ae *amqp.Error
 			if errors.As(err, &ae) && ae.Code == amqp.NotFound {
 				close(w.gone)
@@ -71,7 +71,10 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 			if err != nil {
 				return // the connection is gone: Closed says so
 			}
-			if s.Standby() {
+			// Only into an empty queue: messages ready there reach the
+			// active consumer anyway, and a full queue (x-overflow
+			// drop-head) would drop its oldest for the probe.
+			if s.Standby() && q.Messages == 0 {
 				err = ch.Publish("", s.opts.Queue, false, false, amqp.Publishing{
 					Headers:    amqp.Table{ProbeHeader: s.opts.Consumer},
 					Expiration: strconv.Itoa(int(probeEvery.Milliseconds())),

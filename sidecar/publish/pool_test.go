@@ -301,3 +301,26 @@ func TestPoolSkipsRedeliveredCopiesOfWhatNginxTook(t *testing.T) {
 		t.Errorf("Nginx got %q, want %q", f.got["c"], want)
 	}
 }
+
+// Two messages with the same body and neither message_id nor published_at
+// are two messages: a redelivered copy of the second is published even
+// though Nginx took the first (issue 16's review: 1,201 of 20,000 lost
+// through three reconnects when the guard took them for one).
+func TestPoolPublishesRedeliveredMessagesWithoutIdentity(t *testing.T) {
+	f, url := startFake(t, func(ch, body string) int { return 200 })
+	out := make(chan Settlement, 8)
+	p := newPoolWith(t, url, out, Options{Seen: NewSeen(64)}, Metrics{})
+	p.Submit(Job{Gen: 1, Tag: 1, Msg: message.Message{Channel: "c", Body: []byte("+1")}})
+	if s := <-out; s.Duplicate {
+		t.Fatalf("first: %+v", s)
+	}
+	p.Submit(Job{Gen: 2, Tag: 1, Msg: message.Message{Channel: "c", Body: []byte("+1"), Redelivered: true}})
+	if s := <-out; s.Duplicate {
+		t.Fatalf("a second \"+1\" was taken for a copy of the first: %+v", s)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if n := len(f.got["c"]); n != 2 {
+		t.Errorf("Nginx got %d messages, want 2", n)
+	}
+}

@@ -19,8 +19,11 @@ import (
 //
 // An identity is a 64-bit digest of the channel and the producer's
 // message_id, or of the channel, body and published_at when there is no
-// id. A digest can collide; at 2^-64 per pair among a few thousand
-// remembered messages that is never, in practice.
+// id. A message with neither has no identity: two comments "+1" on one
+// thread are two messages, so it is never remembered nor skipped (a copy
+// of it after a reconnect reaches browsers twice). A digest can collide;
+// at 2^-64 per pair among a few thousand remembered messages that is
+// never, in practice.
 //
 // Seen is safe for concurrent use; it outlives the publisher pools that
 // use it, so that a [push] reload forgets nothing.
@@ -63,11 +66,33 @@ func NewSeen(perStripe int) *Seen {
 	return s
 }
 
+// Grow returns a Seen of perStripe identities per stripe that remembers
+// what s does, oldest first; s is not used afterwards. A larger prefetch
+// (a reload) needs a larger memory, and must not forget what Nginx took.
+func (s *Seen) Grow(perStripe int) *Seen {
+	g := NewSeen(perStripe)
+	g.seed = s.seed // the same digests, so the same stripes
+	for i := range s.stripes {
+		from, to := &s.stripes[i], &g.stripes[i]
+		from.mu.Lock()
+		for k := range from.ring {
+			if id := from.ring[(from.next+k)%len(from.ring)]; id != 0 {
+				to.add(id)
+			}
+		}
+		from.mu.Unlock()
+	}
+	return g
+}
+
 // Bytes is the memory the identities take.
 func (s *Seen) Bytes() int {
 	st := &s.stripes[0]
 	return len(s.stripes) * 8 * (len(st.ring) + len(st.slots))
 }
+
+// Identified reports whether m has an identity Seen can remember.
+func Identified(m *message.Message) bool { return m.ID != "" || m.PublishedAt != 0 }
 
 func (s *Seen) identify(m *message.Message) (*seenStripe, uint64) {
 	ch := maphash.String(s.seed, m.Channel)
@@ -84,16 +109,23 @@ func (s *Seen) identify(m *message.Message) (*seenStripe, uint64) {
 	return &s.stripes[ch%seenStripes], id
 }
 
-// Add records that Nginx took m.
+// Add records that Nginx took m, if m has an identity.
 func (s *Seen) Add(m *message.Message) {
+	if !Identified(m) {
+		return
+	}
 	st, id := s.identify(m)
 	st.mu.Lock()
 	st.add(id)
 	st.mu.Unlock()
 }
 
-// Has reports whether Nginx took m lately.
+// Has reports whether Nginx took m lately; never for a message without
+// an identity.
 func (s *Seen) Has(m *message.Message) bool {
+	if !Identified(m) {
+		return false
+	}
 	st, id := s.identify(m)
 	st.mu.Lock()
 	_, ok := st.find(id)

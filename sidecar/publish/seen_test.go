@@ -110,3 +110,43 @@ func BenchmarkSeenAdd(b *testing.B) {
 		s.Add(m)
 	}
 }
+
+// A message with neither message_id nor published_at has no identity: two
+// comments "+1" on one thread are two messages. Remembering it would make
+// the second one, redelivered after a reconnect, look like the first.
+func TestSeenNeverRemembersAMessageWithoutIdentity(t *testing.T) {
+	s := NewSeen(64)
+	plus := message.Message{Channel: "thread:1", Body: []byte("+1")}
+	s.Add(&plus)
+	if s.Has(&plus) {
+		t.Error("a message without message_id or published_at counts as seen")
+	}
+}
+
+func TestSeenGrowKeepsWhatItRemembers(t *testing.T) {
+	s := NewSeen(32)
+	var msgs []message.Message
+	for i := range 200 {
+		msgs = append(msgs, message.Message{Channel: "ch" + strconv.Itoa(i%7), ID: strconv.Itoa(i)})
+		s.Add(&msgs[i])
+	}
+	var had []bool
+	for i := range msgs {
+		had = append(had, s.Has(&msgs[i]))
+	}
+	g := s.Grow(128)
+	for i := range msgs {
+		if had[i] && !g.Has(&msgs[i]) {
+			t.Fatalf("message %d was remembered before Grow, not after", i)
+		}
+	}
+	for i := 200; i < 300; i++ { // the grown one has room for more
+		m := message.Message{Channel: "ch" + strconv.Itoa(i%7), ID: strconv.Itoa(i)}
+		g.Add(&m)
+	}
+	for i := range msgs {
+		if had[i] && !g.Has(&msgs[i]) {
+			t.Errorf("message %d forgotten after 100 more adds to a memory four times larger", i)
+		}
+	}
+}

@@ -512,14 +512,17 @@ func queueArgs(a config.AMQP) amqp.Table {
 	return args
 }
 
-// seenFor returns the memory of what Nginx took, made anew only when the
-// prefetch, which bounds what can come back, has grown; nil if off.
+// seenFor returns the memory of what Nginx took, grown when the prefetch,
+// which bounds what can come back, has grown; nil if off.
 func (r *Relay) seenFor(on bool, prefetch int) *publish.Seen {
 	if !on {
 		return nil
 	}
-	if r.seen == nil || prefetch > r.seenPrefetch {
+	switch {
+	case r.seen == nil:
 		r.seen, r.seenPrefetch = publish.NewSeen(prefetch), prefetch
+	case prefetch > r.seenPrefetch:
+		r.seen, r.seenPrefetch = r.seen.Grow(prefetch), prefetch
 	}
 	return r.seen
 }
@@ -805,6 +808,14 @@ func (r *Relay) handleDelivery(s *session, d *amqp.Delivery) error {
 		reason = message.EmptyBody
 	}
 	msg.Redelivered = d.Redelivered
+	if reason == message.OK && d.Redelivered && r.seen != nil && r.cfg.Push.Dedupe && r.seen.Has(&msg) {
+		// Nginx took it before the session that held it was lost. Skipped
+		// now, not only at its turn in the lane: a channel that Nginx
+		// refuses for a while would keep it queued while other channels'
+		// messages push it out of the memory.
+		r.m.duplicates.Inc()
+		return s.tracker.Settle(d.DeliveryTag, acker.Done)
+	}
 	if reason != message.OK {
 		p := amqp.Publishing{
 			Headers: d.Headers, ContentType: d.ContentType, ContentEncoding: d.ContentEncoding,

@@ -708,3 +708,35 @@ func TestPoisonThatFillsTheFrame(t *testing.T) {
 		}
 	})
 }
+
+// A resource alarm while a relay on a quorum queue starts a session: its
+// probe must not block the consuming connection (the broker stops reading
+// a connection that publishes during an alarm), or the ping takes the
+// node for hung and the relay reconnects every few seconds for as long as
+// the alarm lasts (issue 16's review: a new session every ~4 s).
+func TestMemoryAlarmAtAQuorumSessionStart(t *testing.T) {
+	p := newPipeline(t, stack.Nchan, uniqueHost("it-alarm-sac"), RelayOptions{AMQP: `queue_type = "quorum"`})
+	restore := memoryAlarm(t)
+	defer restore()
+	pids := relayConnections(t, p.host)
+	if closeConnections(t, pids) == 0 {
+		t.Fatal("no connection of the relay closed")
+	}
+	waitFor(t, "a new session", 15*time.Second, func() bool {
+		return p.relay.Metric("pushrelay_amqp_reconnects_total") >= 1 && p.relay.Metric("pushrelay_amqp_connected") == 1
+	})
+	time.Sleep(12 * time.Second) // three pings' worth of hang detection
+	lost := strings.Count(p.relay.Log(), `msg="AMQP session lost"`)
+	hung := strings.Count(p.relay.Log(), "stopped answering")
+	code, body := readyz(t, p.relay)
+	t.Logf("12 s into the alarm: %d sessions lost (%d taken for a hung node), reconnects_total %v, /readyz %d %q",
+		lost, hung, p.relay.Metric("pushrelay_amqp_reconnects_total"), code, strings.TrimSpace(body))
+	if hung != 0 || lost > 1 {
+		t.Errorf("%d sessions lost during the alarm, %d of them as a hung node: the alarm blocked the consuming connection", lost, hung)
+	}
+	restore()
+	waitFor(t, "/readyz 200 after the alarm", 15*time.Second, func() bool {
+		code, _ := readyz(t, p.relay)
+		return code == 200
+	})
+}

@@ -23,11 +23,15 @@ type copyReq struct {
 	tag uint64
 	key string
 	p   amqp.Publishing
+	// probe: not a copy but a probe for the host queue (watch.go); its
+	// fate is nobody's business.
+	probe bool
 }
 
 type pendingCopy struct {
 	tag      uint64
 	deadline time.Time
+	probe    bool
 }
 
 // deadLetters publishes dead-letter copies on a connection of its own, as
@@ -152,14 +156,20 @@ func (d *deadLetters) run(l link) {
 		select {
 		case r := <-reqs:
 			seq := d.ch.GetNextPublishSeqNo()
+			exchange := DeadLetterExchange
+			if r.probe {
+				exchange = "" // the default exchange: straight to the host queue
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), d.opts.Timeout)
-			err := d.ch.PublishWithContext(ctx, DeadLetterExchange, r.key, false, false, r.p)
+			err := d.ch.PublishWithContext(ctx, exchange, r.key, false, false, r.p)
 			cancel()
 			if err != nil {
-				d.report(CopyResult{Tag: r.tag, Err: fmt.Errorf("publish dead letter: %w", err)})
+				if !r.probe {
+					d.report(CopyResult{Tag: r.tag, Err: fmt.Errorf("publish dead letter: %w", err)})
+				}
 				continue // the close notification follows
 			}
-			pending[seq] = pendingCopy{tag: r.tag, deadline: time.Now().Add(d.opts.Timeout)}
+			pending[seq] = pendingCopy{tag: r.tag, deadline: time.Now().Add(d.opts.Timeout), probe: r.probe}
 		case c, ok := <-l.confirms:
 			if !ok {
 				l.confirms = nil // the close notification follows
@@ -170,6 +180,9 @@ func (d *deadLetters) run(l link) {
 				continue // timed out already
 			}
 			delete(pending, c.DeliveryTag)
+			if p.probe {
+				continue
+			}
 			var err error
 			if !c.Ack {
 				err = errors.New("broker nacked the dead letter")
@@ -180,7 +193,9 @@ func (d *deadLetters) run(l link) {
 			// Whatever was not confirmed is lost with the connection.
 			for seq, p := range pending {
 				delete(pending, seq)
-				d.report(CopyResult{Tag: p.tag, Err: fmt.Errorf("dead-letter connection closed before the confirm: %v", e)})
+				if !p.probe {
+					d.report(CopyResult{Tag: p.tag, Err: fmt.Errorf("dead-letter connection closed before the confirm: %v", e)})
+				}
 			}
 			d.conn.Close()
 			d.conn, d.ch, blocked = nil, nil, false
@@ -209,12 +224,25 @@ func (d *deadLetters) run(l link) {
 			for seq, p := range pending {
 				if now.After(p.deadline) {
 					delete(pending, seq)
-					d.report(CopyResult{Tag: p.tag, Err: errors.New("no confirm for the dead letter in time")})
+					if !p.probe {
+						d.report(CopyResult{Tag: p.tag, Err: errors.New("no confirm for the dead letter in time")})
+					}
 				}
 			}
 		case <-d.stop:
 			return
 		}
+	}
+}
+
+// probe queues a probe for the host queue on this publishing connection:
+// on the consuming one, a resource alarm would block the consuming
+// connection with it (connection.blocked stops reading a connection that
+// publishes). It drops the probe when copies fill the queue.
+func (d *deadLetters) probe(queue, consumer string) {
+	select {
+	case d.reqs <- copyReq{key: queue, probe: true, p: amqp.Publishing{Headers: amqp.Table{ProbeHeader: consumer}}}:
+	default:
 	}
 }
 

@@ -3,7 +3,6 @@ package consume
 import (
 	"context"
 	"errors"
-	"strconv"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -15,9 +14,13 @@ import (
 // with a plain amqp091-go client too): the channel goes on counting a
 // consumer of a queue that is gone, and a relay that waits for the cancel
 // consumes nothing, forever. A passive declare answers NOT_FOUND then.
-// probeEvery: how often a possibly waiting consumer probes; its probes
-// expire as soon, so that a hung active consumer gathers none.
-const probeEvery = time.Second
+// probeEvery and probeMax: a possibly waiting consumer probes after
+// probeEvery, then at doubling intervals up to probeMax: a standby on a
+// quiet queue beside a live relay costs one message every probeMax.
+const (
+	probeEvery = time.Second
+	probeMax   = 30 * time.Second
+)
 
 type queueWatch struct {
 	gone chan struct{}
@@ -28,9 +31,12 @@ type queueWatch struct {
 // On a single-active-consumer queue, a consumer that has received nothing
 // may be the one waiting, or the active one on a quiet queue: the watch
 // puts a probe message in the queue, which only the active consumer
-// receives (Session.Standby), at once and then every probeEvery until one
-// comes. A probe expires unread after probeEvery if no consumer is active
-// (a hung one), so that probes never pile up.
+// receives (Session.Standby), at once and then at growing intervals
+// (probeEvery doubling to probeMax) until one comes. Only into an empty
+// queue, and on the dead-letter connection (deadLetters.probe). A probe
+// never expires: one put in while no consumer is active (a hung one) goes
+// to whichever is active next, which acks it, instead of into
+// pushrelay.dead.
 //
 // watchQueue starts the watch on a channel of its own: the broker closes
 // the channel it answers NOT_FOUND on, and the session's are watched.
@@ -45,10 +51,10 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 	go func() {
 		defer close(w.done)
 		// The first check at once, for the first probe; then every
-		// interval, or every probeEvery while this consumer may be the
-		// waiting one.
+		// interval, or sooner while this consumer may be the waiting one.
 		next := time.NewTimer(0)
 		defer next.Stop()
+		probeWait := probeEvery
 		for {
 			select {
 			case <-w.stop:
@@ -56,7 +62,8 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 			case <-next.C:
 			}
 			if s.Standby() {
-				next.Reset(min(interval, probeEvery))
+				next.Reset(min(interval, probeWait))
+				probeWait = min(2*probeWait, probeMax)
 			} else {
 				next.Reset(interval)
 			}
@@ -75,13 +82,7 @@ func watchQueue(ctx context.Context, s *Session, interval time.Duration) (*queue
 			// active consumer anyway, and a full queue (x-overflow
 			// drop-head) would drop its oldest for the probe.
 			if s.Standby() && q.Messages == 0 {
-				err = ch.Publish("", s.opts.Queue, false, false, amqp.Publishing{
-					Headers:    amqp.Table{ProbeHeader: s.opts.Consumer},
-					Expiration: strconv.Itoa(int(probeEvery.Milliseconds())),
-				})
-				if err != nil {
-					return
-				}
+				s.dead.probe(s.opts.Queue, s.opts.Consumer)
 			}
 		}
 	}()

@@ -34,6 +34,11 @@ func (r *Relay) Handler(reg *telemetry.Registry) http.Handler {
 			http.Error(w, "not consuming: "+why, http.StatusServiceUnavailable)
 			return
 		}
+		if r.standby.Load() && r.deadBlocked.Load() {
+			http.Error(w, "not consuming: cannot tell whether this relay is the active consumer of queue "+r.accepted.Load().AMQP.Queue+
+				": the broker blocks publishing (a resource alarm), so its probe waits", http.StatusServiceUnavailable)
+			return
+		}
 		if r.standby.Load() {
 			http.Error(w, "not consuming: standing by: no probe or message has reached this consumer of queue "+r.accepted.Load().AMQP.Queue+
 				", so another one is active (another relay with the same host, or this relay's own earlier session on a broker node that hangs)",

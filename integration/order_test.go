@@ -740,3 +740,46 @@ func TestMemoryAlarmAtAQuorumSessionStart(t *testing.T) {
 		return code == 200
 	})
 }
+
+// A quorum host queue declared before x-single-active-consumer (by the
+// relay of e89b89c, with what were then its arguments) cannot take it
+// live: the relay uses it as it is and says what that costs and how to
+// move it, rather than claiming the guarantees.
+func TestOldQuorumQueueWithoutSingleActiveConsumer(t *testing.T) {
+	host := uniqueHost("it-old-quorum")
+	b := newBroker(t, "pushrelay."+host)
+	conn, err := amqp.Dial(amqpURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The shipped defaults (message_ttl 5m, max_length 1,000,000) as the
+	// relay declared them before.
+	if _, err := ch.QueueDeclare("pushrelay."+host, true, false, false, false, amqp.Table{
+		"x-queue-type": "quorum", "x-dead-letter-exchange": "pushrelay.dlx",
+		"x-message-ttl": int64(300000), "x-max-length": int64(1_000_000), "x-overflow": "drop-head",
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ngx := startNginxModule(t, stack.Nchan)
+	r := launchRelay(t, RelayOptions{Host: host, Exchange: b.Exchange, Publish: ngx.PublishURL(), Dialect: "nchan",
+		AMQP: `queue_type = "quorum"`})
+	waitFor(t, "/readyz to name the missing argument", 20*time.Second, func() bool {
+		code, body := readyz(t, r)
+		return code == 503 && strings.Contains(body, "x-single-active-consumer") && strings.Contains(body, "One relay per host queue")
+	})
+	if v := r.Metric("pushrelay_config_applied"); v != 0 {
+		t.Errorf("pushrelay_config_applied %v on a queue without x-single-active-consumer, want 0", v)
+	}
+	_, body := readyz(t, r)
+	t.Logf("/readyz: %s", strings.TrimSpace(body))
+	// It still relays.
+	chans := channels("oldq", 5)
+	subs := subscribeAll(t, ngx, chans, EventSource)
+	b.MustPublish(seqMsgs(chans, 1)...)
+	waitAll(t, subs, 1, 15*time.Second)
+}

@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -386,10 +387,15 @@ func (s *Session) declareQueue(ctx context.Context, name string, args amqp.Table
 	_, err = ch.QueueDeclare(name, true, false, false, false, args)
 	var ae *amqp.Error
 	if errors.As(err, &ae) && ae.Code == amqp.PreconditionFailed {
-		s.Mismatches = append(s.Mismatches, fmt.Sprintf("queue %s exists with other arguments than the config's (%s): "+
-			"used as it is; put the old value back (a reload may), delete the queue so that it is declared anew "+
-			"(what it holds is lost), or name a new amqp.queue. A policy can lower x-message-ttl and x-max-length, not raise them",
-			name, ae.Reason))
+		fix := "put the old value back (a reload may), delete the queue so that it is declared anew " +
+			"(what it holds is lost), or name a new amqp.queue. A policy can lower x-message-ttl and x-max-length, not raise them"
+		if strings.Contains(ae.Reason, "x-single-active-consumer") {
+			// No config key sets it: the queue predates it.
+			fix = "a quorum queue declared before x-single-active-consumer keeps neither order through a broker fault " +
+				"nor a second relay with the same host from splitting it: move it (README, \"One relay per host queue\")"
+		}
+		s.Mismatches = append(s.Mismatches, fmt.Sprintf("queue %s exists with other arguments than the config's (%s): used as it is; %s",
+			name, ae.Reason, fix))
 		s.QueueMismatch = s.QueueMismatch || name == s.opts.Queue
 		return nil // the broker closed ch
 	}

@@ -150,3 +150,10 @@ func TestSeenGrowKeepsWhatItRemembers(t *testing.T) {
 		}
 	}
 }
+
+// The bound the shipped config states: 0.75 MiB at prefetch 2048.
+func TestSeenMemoryAtTheShippedPrefetch(t *testing.T) {
+	if got, want := NewSeen(2048).Bytes(), 768<<10; got != want {
+		t.Errorf("Seen at prefetch 2048 holds %d bytes of identities, want %d (0.75 MiB, packaging/pushrelay.toml)", got, want)
+	}
+}

@@ -89,12 +89,14 @@ func TestTopInTmux(t *testing.T) {
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		screen = capture()
-		row = topLine(screen, "127.0.0.1 ")
+		// The row is named by the relay's host label, not the address
+		// top was given (issue 19).
+		row = topLine(screen, p.host+" ")
 		if f := strings.Fields(row); len(f) > 2 && topRateShown(f[1]) && topRateShown(f[2]) && strings.Contains(screen, "\nworst: ") {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no row for 127.0.0.1 with messages in and out, or no footer, after 15s:\n%s", screen)
+			t.Fatalf("no row for %s with messages in and out, or no footer, after 15s:\n%s", p.host, screen)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -127,7 +129,7 @@ func TestTopInTmux(t *testing.T) {
 	p.nginx.Stop()
 	waitFor(t, "the footer to name the unreachable publisher", 15*time.Second, func() bool {
 		screen = capture()
-		return strings.Contains(screen, "\nworst: 127.0.0.1: publisher unreachable")
+		return strings.Contains(screen, "\nworst: "+p.host+": publisher unreachable")
 	})
 	t.Logf("screen with Nginx stopped:\n%s", strings.TrimRight(screen, "\n"))
 	p.nginx.Start()

@@ -73,11 +73,17 @@ func runTop(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 }
 
 // target is one relay's /metrics.
-type target struct{ name, url string }
+// target is one relay to scrape. named: the user gave NAME=; otherwise the
+// row takes the relay's own host label once a scrape has it.
+type target struct {
+	name, url string
+	named     bool
+}
 
 // parseTargets reads [NAME=]ADDR arguments. A row is named by NAME, else
-// by the address's host, or host:port where hosts repeat (several relays
-// behind one tunnel).
+// by the relay's host (its pushrelay_build_info label), else, until a
+// scrape answers, by the address's host, or host:port where hosts repeat
+// (several relays behind one tunnel).
 func parseTargets(args []string) ([]target, error) {
 	if len(args) == 0 {
 		args = []string{defaultTopAddr}
@@ -93,7 +99,7 @@ func parseTargets(args []string) ([]target, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%q: %w", a, err)
 		}
-		out = append(out, target{name: name, url: u.String()})
+		out = append(out, target{name: name, url: u.String(), named: name != ""})
 		hosts[u.Hostname()]++
 	}
 	for i := range out {
@@ -216,9 +222,24 @@ func (t *topView) rows() []row {
 		if i < len(t.prev) {
 			prev = t.prev[i]
 		}
-		out[i] = computeRow(tg.name, prev, t.cur[i])
+		name := tg.name
+		if host := hostLabel(t.cur[i].samples); host != "" && !tg.named {
+			name = host
+		}
+		out[i] = computeRow(name, prev, t.cur[i])
 	}
 	return out
+}
+
+// hostLabel is the relay's host (config key host) from its build_info
+// sample, or "" before the first scrape or from a relay that has none.
+func hostLabel(samples promtext.Samples) string {
+	for _, s := range samples {
+		if s.Name == "pushrelay_build_info" {
+			return s.Label("host")
+		}
+	}
+	return ""
 }
 
 func (t *topView) runOnce(ctx context.Context, stdout io.Writer) int {

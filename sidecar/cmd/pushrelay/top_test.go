@@ -208,11 +208,11 @@ func TestParseTargets(t *testing.T) {
 		args []string
 		want []target
 	}{
-		{nil, []target{{"127.0.0.1", "http://127.0.0.1:9470/metrics"}}},
-		{[]string{"fe1", "fe2:9999"}, []target{{"fe1", "http://fe1:9470/metrics"}, {"fe2", "http://fe2:9999/metrics"}}},
-		{[]string{"127.0.0.1:1", "127.0.0.1:2"}, []target{{"127.0.0.1:1", "http://127.0.0.1:1/metrics"}, {"127.0.0.1:2", "http://127.0.0.1:2/metrics"}}},
-		{[]string{"fe3=127.0.0.1:9471", "https://fe4.example/relay/metrics?x=1"}, []target{{"fe3", "http://127.0.0.1:9471/metrics"}, {"fe4.example", "https://fe4.example/relay/metrics?x=1"}}},
-		{[]string{"[::1]:9470", "::1"}, []target{{"[::1]:9470", "http://[::1]:9470/metrics"}, {"[::1]:9470", "http://[::1]:9470/metrics"}}},
+		{nil, []target{{"127.0.0.1", "http://127.0.0.1:9470/metrics", false}}},
+		{[]string{"fe1", "fe2:9999"}, []target{{"fe1", "http://fe1:9470/metrics", false}, {"fe2", "http://fe2:9999/metrics", false}}},
+		{[]string{"127.0.0.1:1", "127.0.0.1:2"}, []target{{"127.0.0.1:1", "http://127.0.0.1:1/metrics", false}, {"127.0.0.1:2", "http://127.0.0.1:2/metrics", false}}},
+		{[]string{"fe3=127.0.0.1:9471", "https://fe4.example/relay/metrics?x=1"}, []target{{"fe3", "http://127.0.0.1:9471/metrics", true}, {"fe4.example", "https://fe4.example/relay/metrics?x=1", false}}},
+		{[]string{"[::1]:9470", "::1"}, []target{{"[::1]:9470", "http://[::1]:9470/metrics", false}, {"[::1]:9470", "http://[::1]:9470/metrics", false}}},
 	} {
 		got, err := parseTargets(c.args)
 		if err != nil {
@@ -314,4 +314,30 @@ func lineStarting(text, prefix string) string {
 		}
 	}
 	return ""
+}
+
+// A row is named by the relay's own host label, which every relay exports,
+// rather than by the address Prometheus or the user reaches it by; a name
+// the user gave wins.
+func TestTopNamesARowByTheRelaysHost(t *testing.T) {
+	scrapeOf := func(text string) scrape {
+		ss, err := promtext.Parse(strings.NewReader(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return scrape{samples: ss}
+	}
+	info := "pushrelay_build_info{version=\"dev\",host=\"web3\"} 1\n"
+	v := &topView{
+		targets: []target{{name: "127.0.0.1", url: "http://127.0.0.1:9470/metrics"}, {name: "fe1", url: "http://127.0.0.1:9471/metrics", named: true}},
+		cur:     []scrape{scrapeOf(info), scrapeOf(info)},
+	}
+	rows := v.rows()
+	if rows[0].name != "web3" || rows[1].name != "fe1" {
+		t.Errorf("rows named %q and %q, want web3 (its host label) and fe1 (named by the user)", rows[0].name, rows[1].name)
+	}
+	v.cur[0] = scrape{} // no scrape yet: the address stands in
+	if rows := v.rows(); rows[0].name != "127.0.0.1" {
+		t.Errorf("before a scrape the row is named %q, want 127.0.0.1", rows[0].name)
+	}
 }

@@ -748,18 +748,9 @@ func TestMemoryAlarmAtAQuorumSessionStart(t *testing.T) {
 func TestOldQuorumQueueWithoutSingleActiveConsumer(t *testing.T) {
 	host := uniqueHost("it-old-quorum")
 	b := newBroker(t, "pushrelay."+host)
-	conn, err := amqp.Dial(amqpURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The shipped defaults (message_ttl 5m, max_length 1,000,000) as the
 	// relay declared them before.
-	if _, err := ch.QueueDeclare("pushrelay."+host, true, false, false, false, amqp.Table{
+	if _, err := b.ch.QueueDeclare("pushrelay."+host, true, false, false, false, amqp.Table{
 		"x-queue-type": "quorum", "x-dead-letter-exchange": "pushrelay.dlx",
 		"x-message-ttl": int64(300000), "x-max-length": int64(1_000_000), "x-overflow": "drop-head",
 	}); err != nil {

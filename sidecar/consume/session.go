@@ -58,8 +58,7 @@ type Options struct {
 	Timeout  time.Duration
 	Consumer string // consumer tag
 	// QueueCheck: how often to ask whether the queue still exists, for a
-	// broker that deletes it without a basic.cancel, and how many
-	// consumers it has (watch.go); 0: never.
+	// broker that deletes it without a basic.cancel (watch.go); 0: never.
 	QueueCheck time.Duration
 	// SingleActive: the queue has x-single-active-consumer, so the
 	// consumer is not exclusive: a second one waits, and the broker
